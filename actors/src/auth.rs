@@ -1,0 +1,256 @@
+//! Registry authentication as a client: parsing `WWW-Authenticate` challenges, token
+//! responses, and the per-(upstream, scope) token cache. Pure code with inline tests; the
+//! upstream actor (`upstream.rs`) does the HTTP.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// One authentication challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+        error: Option<String>,
+    },
+    Basic,
+}
+
+/// Parses the values of all `WWW-Authenticate` headers and picks the challenge to answer:
+/// Bearer if offered, else Basic. Parameter values may be quoted and contain commas.
+pub fn parse_challenges<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<Challenge> {
+    let mut basic = false;
+    for h in headers {
+        let mut rest = h.trim();
+        while !rest.is_empty() {
+            // scheme
+            let end = rest
+                .find(|c: char| c.is_whitespace() || c == ',')
+                .unwrap_or(rest.len());
+            let scheme = rest[..end].to_ascii_lowercase();
+            rest = rest[end..].trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+            let (params, after) = parse_params(rest);
+            rest = after;
+            match scheme.as_str() {
+                "bearer" => {
+                    let get = |k: &str| {
+                        params
+                            .iter()
+                            .find(|(pk, _)| pk == k)
+                            .map(|(_, v)| v.clone())
+                    };
+                    if let Some(realm) = get("realm") {
+                        return Some(Challenge::Bearer {
+                            realm,
+                            service: get("service"),
+                            scope: get("scope"),
+                            error: get("error"),
+                        });
+                    }
+                }
+                "basic" => basic = true,
+                _ => {}
+            }
+        }
+    }
+    basic.then_some(Challenge::Basic)
+}
+
+/// Parses `k=v, k="quoted, v"` pairs until a token that is not followed by `=` (the next
+/// challenge's scheme). Returns the pairs (keys lowercased) and the unparsed rest.
+fn parse_params(mut s: &str) -> (Vec<(String, String)>, &str) {
+    let mut out = Vec::new();
+    loop {
+        s = s.trim_start_matches(|c: char| c.is_whitespace() || c == ',');
+        let Some(eq) = s.find('=') else {
+            return (out, s);
+        };
+        let k = &s[..eq];
+        if k.is_empty() || k.contains(|c: char| c.is_whitespace() || c == ',') {
+            return (out, s);
+        }
+        let key = k.to_ascii_lowercase();
+        s = &s[eq + 1..];
+        let value;
+        if let Some(q) = s.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = q.char_indices();
+            let mut end = q.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            v.push(n)
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            value = v;
+            s = &q[end.min(q.len())..];
+        } else {
+            let end = s.find(',').unwrap_or(s.len());
+            value = s[..end].trim().to_string();
+            s = &s[end..];
+        }
+        out.push((key, value));
+    }
+}
+
+/// A token endpoint's answer.
+#[derive(Debug, Deserialize)]
+pub struct TokenResponse {
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub access_token: Option<String>,
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+impl TokenResponse {
+    pub fn bearer(&self) -> Option<&str> {
+        self.access_token
+            .as_deref()
+            .or(self.token.as_deref())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Lifetime, 60 s when absent (the spec's default).
+    pub fn lifetime(&self) -> Duration {
+        Duration::from_secs(self.expires_in.unwrap_or(60).max(1))
+    }
+}
+
+/// `Authorization: Basic ...` value for credentials.
+pub fn basic_header(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// Cached bearer tokens keyed by scope, expiring a margin before the server says.
+#[derive(Default)]
+pub struct TokenCache {
+    tokens: HashMap<String, (String, Instant)>,
+}
+
+impl TokenCache {
+    pub fn get(&self, scope: &str, now: Instant) -> Option<String> {
+        self.tokens
+            .get(scope)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(t, _)| t.clone())
+    }
+
+    pub fn insert(&mut self, scope: &str, token: String, lifetime: Duration, now: Instant) {
+        let margin = (lifetime / 10).min(Duration::from_secs(30));
+        self.tokens
+            .insert(scope.to_string(), (token, now + lifetime - margin));
+        // Keep the cache bounded: drop expired entries when it grows.
+        if self.tokens.len() > 1024 {
+            self.tokens.retain(|_, (_, exp)| *exp > now);
+        }
+    }
+
+    pub fn remove(&mut self, scope: &str) {
+        self.tokens.remove(scope);
+    }
+}
+
+/// Whether a token realm may receive our credentials: same host as the registry, or the
+/// same registrable domain (last two labels; `auth.docker.io` for `registry-1.docker.io`).
+/// IP literals and `localhost` must match exactly.
+pub fn realm_allowed(registry_host: &str, realm_host: &str) -> bool {
+    if registry_host.eq_ignore_ascii_case(realm_host) {
+        return true;
+    }
+    let is_ip = |h: &str| h.parse::<std::net::IpAddr>().is_ok() || h.starts_with('[');
+    if is_ip(registry_host) || is_ip(realm_host) || !registry_host.contains('.') {
+        return false;
+    }
+    let base = |h: &str| {
+        let labels: Vec<&str> = h.rsplitn(3, '.').collect();
+        if labels.len() >= 2 {
+            format!("{}.{}", labels[1], labels[0]).to_ascii_lowercase()
+        } else {
+            h.to_ascii_lowercase()
+        }
+    };
+    base(registry_host) == base(realm_host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_hub_challenge() {
+        let c = parse_challenges([
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#,
+        ]);
+        assert_eq!(
+            c,
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+                error: None
+            })
+        );
+    }
+
+    #[test]
+    fn commas_inside_quotes_and_several_challenges() {
+        let c = parse_challenges([
+            r#"Basic realm="x", Bearer realm="https://r/t",scope="repository:a/b:pull,push",error="insufficient_scope""#,
+        ]);
+        match c {
+            Some(Challenge::Bearer { scope, error, .. }) => {
+                assert_eq!(scope.as_deref(), Some("repository:a/b:pull,push"));
+                assert_eq!(error.as_deref(), Some("insufficient_scope"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_challenges([r#"Basic realm="registry""#]),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(parse_challenges(["Negotiate"]), None);
+        assert_eq!(parse_challenges(["Bearer"]), None);
+    }
+
+    #[test]
+    fn token_response_and_cache() {
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"token":"a","access_token":"b","expires_in":300}"#).unwrap();
+        assert_eq!(t.bearer(), Some("b"));
+        assert_eq!(t.lifetime(), Duration::from_secs(300));
+        let t: TokenResponse = serde_json::from_str(r#"{"token":"a"}"#).unwrap();
+        assert_eq!(t.lifetime(), Duration::from_secs(60));
+        let mut c = TokenCache::default();
+        let now = Instant::now();
+        c.insert("s", "tok".into(), Duration::from_secs(60), now);
+        assert_eq!(c.get("s", now), Some("tok".into()));
+        assert_eq!(c.get("s", now + Duration::from_secs(55)), None);
+    }
+
+    #[test]
+    fn realms() {
+        assert!(realm_allowed("registry-1.docker.io", "auth.docker.io"));
+        assert!(realm_allowed("127.0.0.1", "127.0.0.1"));
+        assert!(!realm_allowed("127.0.0.1", "127.0.0.2"));
+        assert!(!realm_allowed("ghcr.io", "evil.example"));
+        assert!(!realm_allowed("registry.example.com", "169.254.169.254"));
+        assert_eq!(basic_header("u", "p"), "Basic dTpw");
+    }
+}

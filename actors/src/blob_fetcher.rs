@@ -1,0 +1,792 @@
+//! The blob fetcher actor owns the table of blob downloads in flight, keyed by
+//! (upstream, digest). The first request for an uncached blob starts exactly one upstream
+//! download; every later request for that digest joins it and reads the bytes already on
+//! disk, then the rest as they arrive. The download continues when the requester goes away.
+//!
+//! A download ("fill") is written by a dedicated writer thread: it receives chunks from the
+//! upstream actor through a bounded channel, hashes them, appends them to a temporary file and
+//! publishes progress on a `watch` channel. Readers follow the temporary file up to the
+//! published length minus one byte: the last byte is released only once the digest has been
+//! verified, so no client ever receives a complete wrong blob. On a mismatch the fill fails,
+//! readers' streams end in an error (their connections are aborted), the temporary file is
+//! deleted and nothing is recorded; the next request fetches afresh. A verified fill is
+//! fsynced, renamed into the store and recorded in the metadata before it leaves the table.
+//!
+//! Every fill ends in an explicit [`FillOutcome`]; a drop guard on the writer publishes
+//! `Abandoned` if it dies, so waiters never hang, and waiters have timeouts of their own.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::{mpsc, watch};
+
+use crate::clock::Clock;
+use crate::digest::{Digest, Hasher};
+use crate::error::{EngineError, UpstreamError};
+use crate::messages::FillEvent;
+use crate::metadata::{ForgetBlob, LinkBlobs, LookupBlob, Metadata, MetadataStore, TouchBlob};
+use crate::store::{self, BlobStore};
+use crate::upstream::UpstreamHandle;
+
+/// Bytes read from disk per chunk sent to a client.
+const READ_CHUNK: usize = 256 * 1024;
+/// Chunks buffered between the upstream reader and the fill writer.
+const FILL_CHANNEL: usize = 64;
+
+/// Progress of one fill, published by its writer.
+#[derive(Debug, Clone)]
+pub enum FillState {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    /// Bytes are arriving; `written` of them are in `file`.
+    Streaming {
+        file: Arc<File>,
+        total: Option<u64>,
+        written: u64,
+    },
+    /// All bytes are in `file` and match the digest.
+    Verified {
+        file: Arc<File>,
+        size: u64,
+    },
+    Failed(EngineError),
+    /// The writer went away without finishing (its thread died or the upstream actor stopped).
+    Abandoned,
+}
+
+impl FillState {
+    /// How many bytes readers may take now (the last byte waits for verification), and
+    /// whether that is everything.
+    fn readable(&self) -> (u64, bool) {
+        match self {
+            FillState::Streaming { written, total, .. } => {
+                let cap = match total {
+                    Some(t) => (*written).min(t.saturating_sub(1)),
+                    None => written.saturating_sub(1),
+                };
+                (cap, false)
+            }
+            FillState::Verified { size, .. } => (*size, true),
+            _ => (0, false),
+        }
+    }
+}
+
+/// How a fill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    Done,
+    Failed,
+    TimedOut,
+    Abandoned,
+}
+
+/// Bytes of a blob, ready to stream.
+#[derive(Debug)]
+pub enum BlobSource {
+    /// Stored and verified.
+    Cached { file: Arc<File>, size: u64 },
+    /// Being downloaded; `total` is the upstream's Content-Length if it sent one.
+    Filling {
+        state: watch::Receiver<FillState>,
+        total: Option<u64>,
+        wait: Duration,
+    },
+}
+
+impl BlobSource {
+    pub fn size(&self) -> Option<u64> {
+        match self {
+            BlobSource::Cached { size, .. } => Some(*size),
+            BlobSource::Filling { total, .. } => *total,
+        }
+    }
+
+    pub fn is_cached(&self) -> bool {
+        matches!(self, BlobSource::Cached { .. })
+    }
+
+    /// The bytes `start..end` (end exclusive; `None` = to the end). An error item means the
+    /// body must not be completed: the HTTP layer aborts the connection.
+    pub fn stream(
+        self,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = Result<Bytes, io::Error>> + 'static {
+        let reader = BlobReader {
+            src: self,
+            pos: start,
+            end,
+            done: false,
+            writer_gone: false,
+        };
+        futures_util::stream::unfold(reader, |mut r| async move {
+            r.next_chunk().await.map(|c| (c, r))
+        })
+    }
+}
+
+/// What a reader can do right now.
+enum View {
+    Read {
+        file: Arc<File>,
+        avail: u64,
+        complete: bool,
+    },
+    Wait,
+    Fail(io::Error),
+}
+
+struct BlobReader {
+    src: BlobSource,
+    pos: u64,
+    end: Option<u64>,
+    done: bool,
+    writer_gone: bool,
+}
+
+impl BlobReader {
+    fn view(&mut self) -> View {
+        match &mut self.src {
+            BlobSource::Cached { file, size } => View::Read {
+                file: file.clone(),
+                avail: *size,
+                complete: true,
+            },
+            BlobSource::Filling { state, .. } => {
+                let s = state.borrow_and_update();
+                match &*s {
+                    FillState::Connecting => View::Wait,
+                    FillState::Streaming { file, .. } | FillState::Verified { file, .. } => {
+                        let (avail, complete) = s.readable();
+                        View::Read {
+                            file: file.clone(),
+                            avail,
+                            complete,
+                        }
+                    }
+                    FillState::Failed(e) => View::Fail(io::Error::other(e.to_string())),
+                    FillState::Abandoned => View::Fail(io::Error::other("download abandoned")),
+                }
+            }
+        }
+    }
+
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.view() {
+                View::Fail(e) => return self.fail(e),
+                View::Read {
+                    file,
+                    avail,
+                    complete,
+                } => {
+                    let limit = self.end.map_or(avail, |e| e.min(avail));
+                    if self.pos < limit {
+                        let len = ((limit - self.pos) as usize).min(READ_CHUNK);
+                        let pos = self.pos;
+                        let res =
+                            tokio::task::spawn_blocking(move || store::read_at(&file, pos, len))
+                                .await;
+                        return match res {
+                            Ok(Ok(b)) if !b.is_empty() => {
+                                self.pos += b.len() as u64;
+                                Some(Ok(b))
+                            }
+                            Ok(Ok(_)) => self.fail(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "blob file shorter than recorded",
+                            )),
+                            Ok(Err(e)) => self.fail(e),
+                            Err(e) => self.fail(io::Error::other(e.to_string())),
+                        };
+                    }
+                    if complete || self.end.is_some_and(|e| self.pos >= e) {
+                        self.done = true;
+                        return None;
+                    }
+                }
+                View::Wait => {}
+            }
+            // Nothing new to read yet: wait for the writer, but not forever.
+            let BlobSource::Filling { state, wait, .. } = &mut self.src else {
+                return self.fail(io::Error::other("cached blob ended early"));
+            };
+            match tokio::time::timeout(*wait, state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) if !self.writer_gone => {
+                    // The writer has finished or died; its last state is final. Look once more.
+                    self.writer_gone = true;
+                }
+                Ok(Err(_)) => return self.fail(io::Error::other("download abandoned")),
+                Err(_) => {
+                    return self.fail(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no progress from upstream",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Option<Result<Bytes, io::Error>> {
+        self.done = true;
+        Some(Err(e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The actor.
+
+type FillKey = (usize, Digest);
+
+struct InFlight {
+    id: u64,
+    state: watch::Receiver<FillState>,
+}
+
+pub struct BlobFetcher {
+    inflight: HashMap<FillKey, InFlight>,
+    next_id: u64,
+    meta: Addr<Metadata>,
+    meta_store: MetadataStore,
+    upstreams: UpstreamHandle,
+    /// Upstream names by index (the metadata keys).
+    names: Arc<Vec<String>>,
+    store: BlobStore,
+    clock: Clock,
+    /// How long a reader waits for progress before giving up.
+    wait: Duration,
+    outcomes: HashMap<&'static str, u64>,
+}
+
+impl Actor for BlobFetcher {
+    type Context = Context<Self>;
+}
+
+impl BlobFetcher {
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        meta: Addr<Metadata>,
+        meta_store: MetadataStore,
+        upstreams: UpstreamHandle,
+        names: Arc<Vec<String>>,
+        store: BlobStore,
+        clock: Clock,
+        wait: Duration,
+    ) -> BlobsHandle {
+        let addr = BlobFetcher {
+            inflight: HashMap::new(),
+            next_id: 0,
+            meta,
+            meta_store,
+            upstreams,
+            names,
+            store,
+            clock,
+            wait,
+            outcomes: HashMap::new(),
+        }
+        .start();
+        BlobsHandle { addr }
+    }
+
+    /// Joins the fill for `key`, starting it if there is none.
+    fn start_or_join(
+        &mut self,
+        ctx: &mut Context<Self>,
+        key: FillKey,
+        repo: String,
+    ) -> Result<watch::Receiver<FillState>, EngineError> {
+        if let Some(f) = self.inflight.get(&key) {
+            return Ok(f.state.clone());
+        }
+        let (state_tx, state_rx) = watch::channel(FillState::Connecting);
+        let (events_tx, events_rx) = mpsc::channel(FILL_CHANNEL);
+        self.next_id += 1;
+        let id = self.next_id;
+        let writer = FillWriter {
+            key: key.clone(),
+            id,
+            upstream_name: self.names[key.0].clone(),
+            store: self.store.clone(),
+            meta: self.meta_store.clone(),
+            clock: self.clock.clone(),
+            fetcher: ctx.address(),
+        };
+        std::thread::Builder::new()
+            .name(format!("fill-{}", &key.1.hex()[..12]))
+            .spawn(move || writer.run(events_rx, state_tx))
+            .map_err(|e| EngineError::Storage(format!("cannot start a download thread: {e}")))?;
+        self.upstreams
+            .start_download(key.0, &repo, &key.1, events_tx);
+        tracing::info!(upstream = %self.names[key.0], repo = %repo, digest = %key.1, "blob fill started");
+        self.inflight.insert(
+            key,
+            InFlight {
+                id,
+                state: state_rx.clone(),
+            },
+        );
+        Ok(state_rx)
+    }
+}
+
+/// Open a blob for reading: from the store, by joining a fill, or by starting one.
+#[derive(Message)]
+#[rtype(result = "Result<BlobSource, EngineError>")]
+pub struct OpenBlob {
+    pub upstream: usize,
+    pub repo: String,
+    pub digest: Digest,
+}
+
+/// The size of a blob, without downloading it.
+#[derive(Message)]
+#[rtype(result = "Result<u64, EngineError>")]
+pub struct StatBlob {
+    pub upstream: usize,
+    pub repo: String,
+    pub digest: Digest,
+}
+
+/// Sent by a fill writer when it is done, whatever the outcome.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FillFinished {
+    key: FillKey,
+    id: u64,
+    outcome: FillOutcome,
+}
+
+/// Counts of finished fills by outcome.
+#[derive(Message)]
+#[rtype(result = "HashMap<&'static str, u64>")]
+pub struct FillStats;
+
+/// A cached blob's record, plus whether the upstream asked for is known to serve it.
+enum Lookup {
+    Cached(Arc<File>, u64),
+    Missing,
+}
+
+impl Handler<OpenBlob> for BlobFetcher {
+    type Result = ResponseActFuture<Self, Result<BlobSource, EngineError>>;
+
+    fn handle(&mut self, m: OpenBlob, _: &mut Self::Context) -> Self::Result {
+        let key = (m.upstream, m.digest.clone());
+        let wait = self.wait;
+        if let Some(f) = self.inflight.get(&key) {
+            let state = f.state.clone();
+            return Box::pin(fut::ready(Ok(filling(state, wait))));
+        }
+        let lookup = lookup_cached(
+            self.meta.clone(),
+            self.upstreams.clone(),
+            self.store.clone(),
+            self.names[m.upstream].clone(),
+            m.upstream,
+            m.repo.clone(),
+            m.digest.clone(),
+            self.clock.now_ms(),
+        );
+        let repo = m.repo;
+        Box::pin(
+            lookup
+                .into_actor(self)
+                .map(move |res, act, ctx| match res? {
+                    Lookup::Cached(file, size) => Ok(BlobSource::Cached { file, size }),
+                    // State may have changed while we looked: start_or_join re-checks the table.
+                    Lookup::Missing => act.start_or_join(ctx, key, repo).map(|s| filling(s, wait)),
+                }),
+        )
+    }
+}
+
+fn filling(state: watch::Receiver<FillState>, wait: Duration) -> BlobSource {
+    BlobSource::Filling {
+        state,
+        total: None,
+        wait,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn lookup_cached(
+    meta: Addr<Metadata>,
+    upstreams: UpstreamHandle,
+    store: BlobStore,
+    upstream_name: String,
+    upstream: usize,
+    repo: String,
+    digest: Digest,
+    now_ms: u64,
+) -> Result<Lookup, EngineError> {
+    let l = meta
+        .send(LookupBlob {
+            upstream: upstream_name.clone(),
+            digest: digest.clone(),
+        })
+        .await??;
+    if l.record.is_none() {
+        return Ok(Lookup::Missing);
+    }
+    let d = digest.clone();
+    let opened = tokio::task::spawn_blocking(move || store.open_blob(&d))
+        .await
+        .map_err(|e| EngineError::Storage(e.to_string()))?
+        .map_err(|e| EngineError::Storage(format!("opening blob {digest}: {e}")))?;
+    let Some((file, size)) = opened else {
+        tracing::warn!(digest = %digest, "blob recorded but missing from the store; fetching again");
+        meta.send(ForgetBlob { digest }).await??;
+        return Ok(Lookup::Missing);
+    };
+    if !l.linked {
+        // Stored for another upstream: serve it here only if this upstream has it too, so
+        // private content never leaks across upstreams.
+        upstreams
+            .head_blob(upstream, &repo, &digest)
+            .await
+            .map_err(|e| EngineError::from_upstream(e, &format!("blob {digest}")))?;
+        meta.send(LinkBlobs {
+            upstream: upstream_name,
+            digests: vec![digest.clone()],
+        })
+        .await??;
+    }
+    meta.do_send(TouchBlob { digest, now_ms });
+    Ok(Lookup::Cached(Arc::new(file), size))
+}
+
+impl Handler<StatBlob> for BlobFetcher {
+    type Result = ResponseFuture<Result<u64, EngineError>>;
+
+    fn handle(&mut self, m: StatBlob, _: &mut Self::Context) -> Self::Result {
+        let key = (m.upstream, m.digest.clone());
+        if let Some(f) = self.inflight.get(&key) {
+            if let FillState::Streaming { total: Some(t), .. }
+            | FillState::Verified { size: t, .. } = &*f.state.borrow()
+            {
+                let t = *t;
+                return Box::pin(async move { Ok(t) });
+            }
+        }
+        let meta = self.meta.clone();
+        let upstreams = self.upstreams.clone();
+        let name = self.names[m.upstream].clone();
+        Box::pin(async move {
+            let l = meta
+                .send(LookupBlob {
+                    upstream: name.clone(),
+                    digest: m.digest.clone(),
+                })
+                .await??;
+            match l.record {
+                Some(rec) if l.linked => Ok(rec.size),
+                Some(rec) => {
+                    upstreams
+                        .head_blob(m.upstream, &m.repo, &m.digest)
+                        .await
+                        .map_err(|e| {
+                            EngineError::from_upstream(e, &format!("blob {}", m.digest))
+                        })?;
+                    meta.send(LinkBlobs {
+                        upstream: name,
+                        digests: vec![m.digest],
+                    })
+                    .await??;
+                    Ok(rec.size)
+                }
+                None => upstreams
+                    .head_blob(m.upstream, &m.repo, &m.digest)
+                    .await
+                    .map_err(|e| EngineError::from_upstream(e, &format!("blob {}", m.digest))),
+            }
+        })
+    }
+}
+
+impl Handler<FillFinished> for BlobFetcher {
+    type Result = ();
+    fn handle(&mut self, m: FillFinished, _: &mut Self::Context) {
+        if self.inflight.get(&m.key).is_some_and(|f| f.id == m.id) {
+            self.inflight.remove(&m.key);
+        }
+        let name = match m.outcome {
+            FillOutcome::Done => "done",
+            FillOutcome::Failed => "failed",
+            FillOutcome::TimedOut => "timed_out",
+            FillOutcome::Abandoned => "abandoned",
+        };
+        *self.outcomes.entry(name).or_default() += 1;
+    }
+}
+
+impl Handler<FillStats> for BlobFetcher {
+    type Result = MessageResult<FillStats>;
+    fn handle(&mut self, _: FillStats, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.outcomes.clone())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The fill writer (runs on its own thread: file writes, hashing and fsync block).
+
+struct FillWriter {
+    key: FillKey,
+    id: u64,
+    upstream_name: String,
+    store: BlobStore,
+    meta: MetadataStore,
+    clock: Clock,
+    fetcher: Addr<BlobFetcher>,
+}
+
+/// Publishes `Abandoned`, removes the temporary file and tells the fetcher, unless the
+/// writer finished normally. Runs on every exit path, panics included.
+struct FillGuard {
+    state: watch::Sender<FillState>,
+    tmp: Option<std::path::PathBuf>,
+    outcome: FillOutcome,
+    finished: bool,
+    key: FillKey,
+    id: u64,
+    fetcher: Addr<BlobFetcher>,
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.send_replace(FillState::Abandoned);
+            self.outcome = FillOutcome::Abandoned;
+            tracing::warn!(digest = %self.key.1, "blob fill abandoned");
+        }
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        self.fetcher.do_send(FillFinished {
+            key: self.key.clone(),
+            id: self.id,
+            outcome: self.outcome,
+        });
+    }
+}
+
+impl FillGuard {
+    fn fail(&mut self, e: EngineError) {
+        let outcome = match &e {
+            EngineError::Upstream(UpstreamError::Timeout { .. }) => FillOutcome::TimedOut,
+            _ => FillOutcome::Failed,
+        };
+        self.state.send_replace(FillState::Failed(e));
+        self.outcome = outcome;
+        self.finished = true;
+    }
+}
+
+impl FillWriter {
+    fn run(self, mut events: mpsc::Receiver<FillEvent>, state: watch::Sender<FillState>) {
+        let digest = self.key.1.clone();
+        let mut g = FillGuard {
+            state,
+            tmp: None,
+            outcome: FillOutcome::Done,
+            finished: false,
+            key: self.key.clone(),
+            id: self.id,
+            fetcher: self.fetcher.clone(),
+        };
+        let what = format!("blob {digest}");
+        let total = match events.blocking_recv() {
+            Some(FillEvent::Headers { total }) => total,
+            Some(FillEvent::Failed(e)) => return g.fail(EngineError::from_upstream(e, &what)),
+            Some(_) => return g.fail(EngineError::Storage("fill protocol error".into())),
+            None => return, // abandoned (guard)
+        };
+        let (tmp, file) = match self.store.create_temp() {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a temporary file for a download");
+                return g.fail(EngineError::Storage(format!(
+                    "cannot create a temporary file: {e}"
+                )));
+            }
+        };
+        g.tmp = Some(tmp.clone());
+        let file = Arc::new(file);
+        g.state.send_replace(FillState::Streaming {
+            file: file.clone(),
+            total,
+            written: 0,
+        });
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut written: u64 = 0;
+        loop {
+            match events.blocking_recv() {
+                Some(FillEvent::Chunk(b)) => {
+                    if total.is_some_and(|t| written + b.len() as u64 > t) {
+                        let e = UpstreamError::Protocol {
+                            upstream: self.upstream_name.clone(),
+                            detail: "more bytes than Content-Length".into(),
+                        };
+                        return g.fail(EngineError::Upstream(e));
+                    }
+                    hasher.update(&b);
+                    if let Err(e) = (&*file).write_all(&b) {
+                        tracing::error!(error = %e, digest = %digest, "writing a download to disk failed");
+                        return g.fail(EngineError::Storage(format!("writing to disk: {e}")));
+                    }
+                    written += b.len() as u64;
+                    g.state.send_modify(|s| {
+                        if let FillState::Streaming { written: w, .. } = s {
+                            *w = written;
+                        }
+                    });
+                }
+                Some(FillEvent::End) => break,
+                Some(FillEvent::Failed(e)) => {
+                    tracing::warn!(error = %e, digest = %digest, written, "upstream failed mid-blob");
+                    return g.fail(EngineError::Upstream(e));
+                }
+                Some(FillEvent::Headers { .. }) => {
+                    return g.fail(EngineError::Storage("fill protocol error".into()))
+                }
+                None => return,
+            }
+        }
+        if let Some(t) = total.filter(|t| *t != written) {
+            let e = UpstreamError::Protocol {
+                upstream: self.upstream_name.clone(),
+                detail: format!("body ended after {written} of {t} bytes"),
+            };
+            return g.fail(EngineError::Upstream(e));
+        }
+        let actual = hasher.finish();
+        if actual != digest {
+            tracing::error!(expected = %digest, actual = %actual, upstream = %self.upstream_name, "upstream blob does not match its digest; discarded");
+            return g.fail(EngineError::DigestMismatch {
+                expected: digest,
+                actual,
+            });
+        }
+        // Verified: release the last byte to readers, then make it durable.
+        g.state.send_replace(FillState::Verified {
+            file: file.clone(),
+            size: written,
+        });
+        g.finished = true;
+        match self.store.commit(&tmp, &file, &digest) {
+            Ok(_) => {
+                g.tmp = None;
+                let rec = self
+                    .meta
+                    .record_blob(&digest, written, self.clock.now_ms())
+                    .and_then(|_| self.meta.link(&self.upstream_name, &digest));
+                if let Err(e) = rec {
+                    tracing::error!(error = %e, digest = %digest, "could not record a stored blob");
+                }
+                tracing::info!(digest = %digest, size = written, "blob stored");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, digest = %digest, "could not store a verified blob; served without caching")
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// What the HTTP layer holds to read blobs.
+#[derive(Clone)]
+pub struct BlobsHandle {
+    addr: Addr<BlobFetcher>,
+}
+
+impl BlobsHandle {
+    /// Opens a blob for GET. For a fill, waits until the upstream's headers arrived (so a
+    /// missing blob is a clean 404, not a broken 200) and retries once if it was abandoned.
+    pub async fn open(
+        &self,
+        upstream: usize,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<BlobSource, EngineError> {
+        for attempt in 0..2 {
+            let src = self
+                .addr
+                .send(OpenBlob {
+                    upstream,
+                    repo: repo.into(),
+                    digest: digest.clone(),
+                })
+                .await??;
+            let BlobSource::Filling {
+                mut state, wait, ..
+            } = src
+            else {
+                return Ok(src);
+            };
+            let ready = loop {
+                let r = match &*state.borrow_and_update() {
+                    FillState::Connecting => None,
+                    FillState::Streaming { total, .. } => Some(Ok(*total)),
+                    FillState::Verified { size, .. } => Some(Ok(Some(*size))),
+                    FillState::Failed(e) => Some(Err(e.clone())),
+                    FillState::Abandoned => Some(Err(EngineError::Abandoned)),
+                };
+                if let Some(r) = r {
+                    break r;
+                }
+                match tokio::time::timeout(wait, state.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        if matches!(&*state.borrow(), FillState::Connecting) {
+                            break Err(EngineError::Abandoned);
+                        }
+                    }
+                    Err(_) => {
+                        break Err(EngineError::Upstream(UpstreamError::Timeout {
+                            upstream: "-".into(),
+                            stage: "waiting for a blob download to start",
+                        }))
+                    }
+                }
+            };
+            match ready {
+                Ok(total) => return Ok(BlobSource::Filling { state, total, wait }),
+                Err(EngineError::Abandoned) if attempt == 0 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Abandoned)
+    }
+
+    /// The size of a blob (HEAD): never starts a download.
+    pub async fn stat(
+        &self,
+        upstream: usize,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<u64, EngineError> {
+        self.addr
+            .send(StatBlob {
+                upstream,
+                repo: repo.into(),
+                digest: digest.clone(),
+            })
+            .await?
+    }
+
+    pub async fn fill_stats(&self) -> Result<HashMap<&'static str, u64>, EngineError> {
+        Ok(self.addr.send(FillStats).await?)
+    }
+}

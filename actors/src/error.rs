@@ -1,0 +1,130 @@
+//! The engine's error types. The HTTP layer maps them to OCI error JSON (`src/error.rs`);
+//! here they say what went wrong, by cause, without credentials in any message.
+
+use std::sync::Arc;
+
+use crate::digest::Digest;
+
+/// Something went wrong talking to an upstream registry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach upstream {upstream}: {detail}")]
+    Connect { upstream: String, detail: String },
+    #[error("upstream {upstream} timed out {stage}")]
+    Timeout {
+        upstream: String,
+        stage: &'static str,
+    },
+    #[error("upstream {upstream} answered HTTP {status}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Status {
+        upstream: String,
+        status: u16,
+        message: Option<String>,
+        /// `Retry-After` seconds, relayed on 429.
+        retry_after: Option<u64>,
+    },
+    /// 401 after a fresh token: anonymous access to a missing or private repository (Docker
+    /// Hub's answer for both), or refused credentials.
+    #[error("upstream {upstream} refused access{}", if *anonymous { " (anonymous)" } else { " with the configured credentials" })]
+    Unauthorized { upstream: String, anonymous: bool },
+    #[error("upstream {upstream} sent an invalid response: {detail}")]
+    Protocol { upstream: String, detail: String },
+}
+
+impl UpstreamError {
+    /// True when the upstream cannot currently answer (down, overloaded, rate-limiting):
+    /// the cases in which a cached answer is served instead.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => true,
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Protocol { .. } => true,
+            UpstreamError::Unauthorized { .. } => false,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, UpstreamError::Status { status: 404, .. })
+    }
+}
+
+/// What a request to the engine can end in, besides success.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    #[error("repository unknown: {0}")]
+    NameUnknown(String),
+    #[error("access denied: {0}")]
+    Denied(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream content does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("manifest refused: {0}")]
+    ManifestRefused(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("cache engine unavailable: {0}")]
+    Unavailable(String),
+    #[error("download abandoned before it finished")]
+    Abandoned,
+}
+
+impl EngineError {
+    /// Maps an upstream answer for a given kind of object into the engine's vocabulary:
+    /// a 404 becomes "unknown", an anonymous 401 becomes "repository unknown" (never relay a
+    /// challenge to clients), refused credentials become "denied".
+    pub fn from_upstream(e: UpstreamError, what: &str) -> EngineError {
+        match e {
+            UpstreamError::Status { status: 404, .. } => {
+                if what.starts_with("blob") {
+                    EngineError::BlobUnknown(what.to_string())
+                } else {
+                    EngineError::ManifestUnknown(what.to_string())
+                }
+            }
+            UpstreamError::Unauthorized {
+                anonymous: true, ..
+            } => EngineError::NameUnknown(format!(
+                "{what} (the upstream denies anonymous access: missing or private)"
+            )),
+            UpstreamError::Unauthorized {
+                anonymous: false,
+                upstream,
+            } => EngineError::Denied(format!(
+                "{what}: upstream {upstream} refused the configured credentials"
+            )),
+            other => EngineError::Upstream(other),
+        }
+    }
+}
+
+impl From<actix::MailboxError> for EngineError {
+    fn from(e: actix::MailboxError) -> Self {
+        EngineError::Unavailable(e.to_string())
+    }
+}
+
+impl From<MetaError> for EngineError {
+    fn from(e: MetaError) -> Self {
+        EngineError::Storage(e.to_string())
+    }
+}
+
+/// Errors of the metadata store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata database: {0}")]
+    Db(Arc<sled::Error>),
+    #[error("metadata record corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<sled::Error> for MetaError {
+    fn from(e: sled::Error) -> Self {
+        MetaError::Db(Arc::new(e))
+    }
+}

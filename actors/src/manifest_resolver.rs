@@ -1,0 +1,511 @@
+//! The manifest resolver actor owns the answer to "which manifest is `<repo>:<reference>`?"
+//! and the table of identical upstream lookups in flight (coalesced: one upstream request,
+//! many waiters).
+//!
+//! Policy:
+//! - By digest: immutable. Served from the metadata store once cached, never revalidated.
+//! - By tag: trusted for `cache.tag_ttl` after the upstream last confirmed it; then
+//!   revalidated with a HEAD (free on Docker Hub), and only a changed digest costs a GET.
+//!   If the upstream is unreachable, times out, or answers 5xx/429, the cached mapping is
+//!   served stale (logged, and marked for a `Warning: 110` header). If the upstream says the
+//!   tag is gone (404), the mapping is dropped and the client gets 404, as the upstream says.
+//! - Upstream bytes are stored and served unchanged; their digest is computed here and
+//!   checked against the requested digest or the upstream's `Docker-Content-Digest`.
+//! - Schema-1 and unknown manifest types are refused (404 MANIFEST_UNKNOWN).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use futures_util::future::{FutureExt, LocalBoxFuture, Shared};
+
+use crate::clock::Clock;
+use crate::digest::{Algorithm, Digest};
+use crate::error::EngineError;
+use crate::messages::media_types;
+use crate::metadata::{
+    DeleteTag, GetManifest, GetTag, ListTags, ManifestRecord, Metadata, PutManifest, PutTag,
+    TagRecord,
+};
+use crate::reference::Reference;
+use crate::upstream::{UpstreamHandle, UpstreamManifest};
+
+/// A manifest as served to clients.
+#[derive(Debug, Clone)]
+pub struct ManifestAnswer {
+    pub media_type: String,
+    pub digest: Digest,
+    pub bytes: Bytes,
+    /// Served from cache because the upstream could not confirm it.
+    pub stale: bool,
+}
+
+type Key = (usize, String, String);
+type SharedAnswer = Shared<LocalBoxFuture<'static, Result<ManifestAnswer, EngineError>>>;
+
+pub struct ManifestResolver {
+    ctx: Ctx,
+    inflight: HashMap<Key, SharedAnswer>,
+}
+
+/// What a resolution needs; cloned into each lookup's future.
+#[derive(Clone)]
+struct Ctx {
+    meta: Addr<Metadata>,
+    upstreams: UpstreamHandle,
+    names: Arc<Vec<String>>,
+    tag_ttl: Duration,
+    clock: Clock,
+}
+
+impl Actor for ManifestResolver {
+    type Context = Context<Self>;
+}
+
+impl ManifestResolver {
+    pub fn start(
+        meta: Addr<Metadata>,
+        upstreams: UpstreamHandle,
+        names: Arc<Vec<String>>,
+        tag_ttl: Duration,
+        clock: Clock,
+    ) -> ManifestsHandle {
+        let addr = ManifestResolver {
+            ctx: Ctx {
+                meta,
+                upstreams,
+                names,
+                tag_ttl,
+                clock,
+            },
+            inflight: HashMap::new(),
+        }
+        .start();
+        ManifestsHandle { addr }
+    }
+}
+
+/// Resolve `<repo>:<reference>` on an upstream.
+#[derive(Message)]
+#[rtype(result = "Result<ManifestAnswer, EngineError>")]
+pub struct Resolve {
+    pub upstream: usize,
+    pub repo: String,
+    pub reference: Reference,
+}
+
+/// List tags: the upstream's list (it is mutable), the cached tags when it is unavailable.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, EngineError>")]
+pub struct TagList {
+    pub upstream: usize,
+    pub repo: String,
+}
+
+impl Handler<Resolve> for ManifestResolver {
+    type Result = ResponseFuture<Result<ManifestAnswer, EngineError>>;
+
+    fn handle(&mut self, m: Resolve, ctx: &mut Self::Context) -> Self::Result {
+        let key = (m.upstream, m.repo.clone(), m.reference.to_string());
+        if let Some(shared) = self.inflight.get(&key) {
+            return Box::pin(shared.clone());
+        }
+        let c = self.ctx.clone();
+        let fut: LocalBoxFuture<'static, _> =
+            Box::pin(async move { c.resolve(m.upstream, &m.repo, &m.reference).await });
+        let shared = fut.shared();
+        self.inflight.insert(key.clone(), shared.clone());
+        // Runs to completion even if every requester goes away, then leaves the table.
+        ctx.spawn(shared.clone().into_actor(self).map(move |_, act, _| {
+            act.inflight.remove(&key);
+        }));
+        Box::pin(shared)
+    }
+}
+
+impl Handler<TagList> for ManifestResolver {
+    type Result = ResponseFuture<Result<Vec<String>, EngineError>>;
+
+    fn handle(&mut self, m: TagList, _: &mut Self::Context) -> Self::Result {
+        let c = self.ctx.clone();
+        Box::pin(async move { c.tag_list(m.upstream, &m.repo).await })
+    }
+}
+
+impl Ctx {
+    fn name(&self, upstream: usize) -> String {
+        self.names[upstream].clone()
+    }
+
+    async fn cached(
+        &self,
+        upstream: usize,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>, EngineError> {
+        Ok(self
+            .meta
+            .send(GetManifest {
+                upstream: self.name(upstream),
+                repo: repo.into(),
+                digest: digest.clone(),
+            })
+            .await??)
+    }
+
+    async fn resolve(
+        &self,
+        upstream: usize,
+        repo: &str,
+        reference: &Reference,
+    ) -> Result<ManifestAnswer, EngineError> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(rec) = self.cached(upstream, repo, d).await? {
+                    return Ok(answer(rec, d.clone(), false));
+                }
+                self.fetch(upstream, repo, &d.to_string(), Some(d), None)
+                    .await
+            }
+            Reference::Tag(tag) => self.resolve_tag(upstream, repo, tag).await,
+        }
+    }
+
+    async fn resolve_tag(
+        &self,
+        upstream: usize,
+        repo: &str,
+        tag: &str,
+    ) -> Result<ManifestAnswer, EngineError> {
+        let name = self.name(upstream);
+        let entry = self
+            .meta
+            .send(GetTag {
+                upstream: name.clone(),
+                repo: repo.into(),
+                tag: tag.into(),
+            })
+            .await??;
+        let cached = match entry.as_ref().and_then(|t| Digest::parse(&t.digest).ok()) {
+            Some(d) => self.cached(upstream, repo, &d).await?.map(|rec| (d, rec)),
+            None => None,
+        };
+        let Some((digest, rec)) = cached else {
+            return self.fetch(upstream, repo, tag, None, Some(tag)).await;
+        };
+        let checked_ms = entry.map(|e| e.checked_ms).unwrap_or(0);
+        let now = self.clock.now_ms();
+        if now.saturating_sub(checked_ms) < self.tag_ttl.as_millis() as u64 {
+            return Ok(answer(rec, digest, false));
+        }
+        // Past its TTL: ask the upstream with a HEAD.
+        match self.upstreams.manifest(upstream, repo, tag, true).await {
+            Ok(UpstreamManifest {
+                digest: Some(d), ..
+            }) if d == digest => {
+                self.put_tag(upstream, repo, tag, &digest, now).await?;
+                tracing::debug!(upstream = %name, repo, tag, "tag revalidated, unchanged");
+                Ok(answer(rec, digest, false))
+            }
+            Ok(UpstreamManifest {
+                digest: Some(d), ..
+            }) => {
+                tracing::info!(upstream = %name, repo, tag, old = %digest, new = %d, "tag moved upstream");
+                if let Some(newrec) = self.cached(upstream, repo, &d).await? {
+                    self.put_tag(upstream, repo, tag, &d, now).await?;
+                    return Ok(answer(newrec, d, false));
+                }
+                self.fetch(upstream, repo, &d.to_string(), Some(&d), Some(tag))
+                    .await
+            }
+            // A HEAD without a digest: only a GET can tell.
+            Ok(_) => self.fetch(upstream, repo, tag, None, Some(tag)).await,
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(upstream = %name, repo, tag, digest = %digest, error = %e, "upstream unavailable; serving a stale tag from cache");
+                Ok(answer(rec, digest, true))
+            }
+            Err(e) => {
+                if e.is_not_found() {
+                    tracing::info!(upstream = %name, repo, tag, "tag deleted upstream; dropping it from the cache");
+                    self.meta
+                        .send(DeleteTag {
+                            upstream: name,
+                            repo: repo.into(),
+                            tag: tag.into(),
+                        })
+                        .await??;
+                }
+                Err(EngineError::from_upstream(
+                    e,
+                    &format!("manifest {repo}:{tag}"),
+                ))
+            }
+        }
+    }
+
+    async fn put_tag(
+        &self,
+        upstream: usize,
+        repo: &str,
+        tag: &str,
+        digest: &Digest,
+        now: u64,
+    ) -> Result<(), EngineError> {
+        let record = TagRecord {
+            digest: digest.to_string(),
+            checked_ms: now,
+        };
+        Ok(self
+            .meta
+            .send(PutTag {
+                upstream: self.name(upstream),
+                repo: repo.into(),
+                tag: tag.into(),
+                record,
+            })
+            .await??)
+    }
+
+    /// GETs a manifest by `reference`, verifies it, stores it (and the tag), returns it.
+    async fn fetch(
+        &self,
+        upstream: usize,
+        repo: &str,
+        reference: &str,
+        expected: Option<&Digest>,
+        tag: Option<&str>,
+    ) -> Result<ManifestAnswer, EngineError> {
+        let what = format!("manifest {repo}:{reference}");
+        let um = self
+            .upstreams
+            .manifest(upstream, repo, reference, false)
+            .await
+            .map_err(|e| EngineError::from_upstream(e, &what))?;
+        let bytes = um.bytes.clone().unwrap_or_default();
+        let media_type = effective_media_type(&um.media_type, &bytes)
+            .ok_or_else(|| EngineError::ManifestRefused(format!("{what}: unsupported manifest type {:?} (schema 1 and non-image types are not served)", um.media_type)))?;
+        // The digest that must hold: the one asked for, else the upstream's header.
+        let algorithm = expected
+            .or(um.digest.as_ref())
+            .map_or(Algorithm::Sha256, |d| d.algorithm());
+        let actual = Digest::of_bytes(algorithm, &bytes);
+        if let Some(want) = expected.or(um.digest.as_ref()) {
+            if *want != actual {
+                tracing::error!(%what, expected = %want, actual = %actual, "upstream manifest does not match its digest");
+                return Err(EngineError::DigestMismatch {
+                    expected: want.clone(),
+                    actual,
+                });
+            }
+        }
+        let now = self.clock.now_ms();
+        let record = ManifestRecord {
+            media_type: media_type.clone(),
+            bytes: bytes.clone(),
+            fetched_ms: now,
+        };
+        self.meta
+            .send(PutManifest {
+                upstream: self.name(upstream),
+                repo: repo.into(),
+                digest: actual.clone(),
+                record,
+                tag: tag.map(|t| {
+                    (
+                        t.to_string(),
+                        TagRecord {
+                            digest: actual.to_string(),
+                            checked_ms: now,
+                        },
+                    )
+                }),
+                links: referenced_blobs(&media_type, &bytes),
+            })
+            .await??;
+        Ok(ManifestAnswer {
+            media_type,
+            digest: actual,
+            bytes,
+            stale: false,
+        })
+    }
+
+    async fn tag_list(&self, upstream: usize, repo: &str) -> Result<Vec<String>, EngineError> {
+        let mut all = Vec::new();
+        let mut last: Option<String> = None;
+        // Follow the upstream's pages (bounded), so the cache can paginate for its clients.
+        for _ in 0..100 {
+            match self
+                .upstreams
+                .tags(upstream, repo, Some(1000), last.clone())
+                .await
+            {
+                Ok(page) => {
+                    let more = page.more && !page.tags.is_empty();
+                    last = page.tags.last().cloned();
+                    all.extend(page.tags);
+                    if !more {
+                        all.sort();
+                        all.dedup();
+                        return Ok(all);
+                    }
+                }
+                Err(e) if e.is_unavailable() => {
+                    let name = self.name(upstream);
+                    tracing::warn!(upstream = %name, repo, error = %e, "upstream unavailable; listing cached tags");
+                    return match self
+                        .meta
+                        .send(ListTags {
+                            upstream: name,
+                            repo: repo.into(),
+                        })
+                        .await??
+                    {
+                        Some(tags) => Ok(tags),
+                        None => Err(EngineError::Upstream(e)),
+                    };
+                }
+                Err(e) => {
+                    if e.is_not_found() {
+                        return Err(EngineError::NameUnknown(format!("repository {repo}")));
+                    }
+                    return Err(EngineError::from_upstream(e, &format!("repository {repo}")));
+                }
+            }
+        }
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+}
+
+fn answer(rec: ManifestRecord, digest: Digest, stale: bool) -> ManifestAnswer {
+    ManifestAnswer {
+        media_type: rec.media_type,
+        digest,
+        bytes: rec.bytes,
+        stale,
+    }
+}
+
+/// The media type to store: the upstream's `Content-Type` if it is a supported manifest
+/// type; else the document's own `mediaType` field (OCI manifests may omit Content-Type
+/// precision on some registries). `None` = refuse.
+fn effective_media_type(content_type: &str, bytes: &[u8]) -> Option<String> {
+    if media_types::ALL.contains(&content_type) {
+        return Some(content_type.to_string());
+    }
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+        layers: Option<serde_json::Value>,
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+    }
+    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    if p.schema_version != Some(2) {
+        return None;
+    }
+    match p.media_type.as_deref() {
+        Some(mt) if media_types::ALL.contains(&mt) => Some(mt.to_string()),
+        Some(_) => None,
+        None if p.manifests.is_some() => Some(media_types::OCI_INDEX.to_string()),
+        None if p.layers.is_some() => Some(media_types::OCI_MANIFEST.to_string()),
+        None => None,
+    }
+}
+
+/// The blobs an image manifest references (config and layers), which become readable from
+/// this upstream through the cache.
+fn referenced_blobs(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
+    if media_types::is_index(media_type) {
+        return Vec::new();
+    }
+    match oci_spec::image::ImageManifest::from_reader(bytes) {
+        Ok(m) => std::iter::once(m.config().digest().to_string())
+            .chain(m.layers().iter().map(|l| l.digest().to_string()))
+            .filter_map(|d| Digest::parse(&d).ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// What the HTTP layer holds to resolve manifests.
+#[derive(Clone)]
+pub struct ManifestsHandle {
+    addr: Addr<ManifestResolver>,
+}
+
+impl ManifestsHandle {
+    pub async fn resolve(
+        &self,
+        upstream: usize,
+        repo: &str,
+        reference: Reference,
+    ) -> Result<ManifestAnswer, EngineError> {
+        self.addr
+            .send(Resolve {
+                upstream,
+                repo: repo.into(),
+                reference,
+            })
+            .await?
+    }
+
+    pub async fn tags(&self, upstream: usize, repo: &str) -> Result<Vec<String>, EngineError> {
+        self.addr
+            .send(TagList {
+                upstream,
+                repo: repo.into(),
+            })
+            .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_inference() {
+        assert_eq!(
+            effective_media_type(media_types::OCI_INDEX, b"{}").as_deref(),
+            Some(media_types::OCI_INDEX)
+        );
+        assert_eq!(
+            effective_media_type(
+                "application/json",
+                br#"{"schemaVersion":2,"layers":[],"config":{}}"#
+            )
+            .as_deref(),
+            Some(media_types::OCI_MANIFEST)
+        );
+        assert_eq!(
+            effective_media_type(
+                "application/vnd.docker.distribution.manifest.v1+prettyjws",
+                br#"{"schemaVersion":1}"#
+            ),
+            None
+        );
+        assert_eq!(effective_media_type("text/html", b"<html>"), None);
+    }
+
+    #[test]
+    fn links_config_and_layers() {
+        let cfg = "sha256:".to_string() + &"a".repeat(64);
+        let layer = "sha256:".to_string() + &"b".repeat(64);
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cfg}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":3}}]}}"#,
+            media_types::OCI_MANIFEST
+        );
+        let links = referenced_blobs(media_types::OCI_MANIFEST, m.as_bytes());
+        assert_eq!(
+            links.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            vec![cfg, layer]
+        );
+    }
+}

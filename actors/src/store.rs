@@ -1,0 +1,162 @@
+//! The content-addressed blob store on disk: `<root>/blobs/<alg>/<2 hex>/<hex>` for verified
+//! blobs, `<root>/tmp/` for downloads in progress. Paths are derived from a validated
+//! [`Digest`] only. Every function here blocks (file system calls): call them from a sync
+//! actor, a fill writer thread or `spawn_blocking`, never from an async worker.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::digest::{Digest, Hasher};
+
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    blobs: PathBuf,
+    tmp: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the store under `root`.
+    pub fn open(root: &Path) -> io::Result<BlobStore> {
+        let blobs = root.join("blobs");
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&blobs)?;
+        fs::create_dir_all(&tmp)?;
+        Ok(BlobStore { blobs, tmp })
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.rel_path())
+    }
+
+    /// Opens a stored blob for reading; `None` if it is not stored.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<Option<(File, u64)>> {
+        match File::open(self.blob_path(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a new, uniquely named temporary file for a download, readable and writable.
+    pub fn create_temp(&self) -> io::Result<(PathBuf, File)> {
+        for _ in 0..8 {
+            let name = format!("fill-{:016x}", rand::random::<u64>());
+            let path = self.tmp.join(name);
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(f) => return Ok((path, f)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("could not create a unique temporary file"))
+    }
+
+    /// Makes a fully written, verified temp file durable and moves it into place.
+    pub fn commit(&self, tmp: &Path, file: &File, digest: &Digest) -> io::Result<PathBuf> {
+        file.sync_data()?;
+        let dest = self.blob_path(digest);
+        let dir = dest.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir)?;
+        fs::rename(tmp, &dest)?;
+        // Make the rename itself durable.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(dest)
+    }
+
+    /// Removes leftovers of interrupted downloads. Returns how many were removed.
+    pub fn clean_temp(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in fs::read_dir(&self.tmp)? {
+            let entry = entry?;
+            if fs::remove_file(entry.path()).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
+        match fs::remove_file(self.blob_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every file in the store that is named like a blob: `(digest, size)`. Files with
+    /// other names are reported in the second list so the caller can remove them.
+    pub fn scan(&self) -> io::Result<(Vec<(Digest, u64)>, Vec<PathBuf>)> {
+        let mut found = Vec::new();
+        let mut strays = Vec::new();
+        for alg in fs::read_dir(&self.blobs)? {
+            let alg = alg?;
+            if !alg.file_type()?.is_dir() {
+                strays.push(alg.path());
+                continue;
+            }
+            let alg_name = alg.file_name().to_string_lossy().into_owned();
+            for shard in fs::read_dir(alg.path())? {
+                let shard = shard?;
+                if !shard.file_type()?.is_dir() {
+                    strays.push(shard.path());
+                    continue;
+                }
+                for f in fs::read_dir(shard.path())? {
+                    let f = f?;
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    match Digest::parse(&format!("{alg_name}:{name}")) {
+                        Ok(d)
+                            if f.file_type()?.is_file() && d.rel_path().starts_with(&alg_name) =>
+                        {
+                            found.push((d, f.metadata()?.len()))
+                        }
+                        _ => strays.push(f.path()),
+                    }
+                }
+            }
+        }
+        Ok((found, strays))
+    }
+
+    /// Re-hashes a stored blob; true if its content matches its name.
+    pub fn verify(&self, digest: &Digest) -> io::Result<bool> {
+        use std::io::Read;
+        let mut f = File::open(self.blob_path(digest))?;
+        let mut h = Hasher::new(digest.algorithm());
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(&h.finish() == digest)
+    }
+}
+
+/// Reads up to `len` bytes at `offset` (positioned read; the file's cursor is not shared state).
+pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(bytes::Bytes::from(buf))
+}

@@ -1,0 +1,842 @@
+//! The upstream client actor owns every connection to upstream registries: one awc client per
+//! upstream (awc is `!Send`, so the actor lives on its own arbiter thread and its clients never
+//! leave it), the remembered auth challenge per upstream and the bearer tokens per
+//! (upstream, scope). Other actors ask it for manifests, blob sizes and tag lists, or tell it
+//! to start a blob download whose bytes it pushes into a bounded channel (never through a
+//! mailbox).
+//!
+//! Behaviour: Docker-style token auth (anonymous or with the upstream's credentials) and Basic
+//! auth; redirects followed by hand so that `Authorization` never goes to another host;
+//! connect and response-header timeouts plus an idle timeout on bodies (no total timeout);
+//! idempotent requests that failed to connect are retried twice.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use awc::http::{header, Method, StatusCode};
+use awc::ClientResponse;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use url::Url;
+
+use crate::auth::{self, Challenge, TokenCache, TokenResponse};
+use crate::digest::Digest;
+use crate::error::UpstreamError;
+use crate::messages::{media_types, FillEvent};
+use crate::settings::UpstreamSettings;
+
+/// Manifests larger than this are refused (what Distribution and containers/image accept).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+const MAX_ERROR_BODY: usize = 64 * 1024;
+const MAX_TOKEN_BODY: usize = 1024 * 1024;
+const MAX_REDIRECTS: usize = 10;
+const CONNECT_RETRIES: usize = 2;
+
+/// One upstream's connection state. Lives on the actor's thread only (`Rc`/`RefCell`);
+/// borrows are never held across an `.await`.
+struct Conn {
+    settings: UpstreamSettings,
+    base: Url,
+    client: awc::Client,
+    challenge: RefCell<Option<Challenge>>,
+    tokens: RefCell<TokenCache>,
+}
+
+pub struct Upstreams {
+    conns: Vec<Rc<Conn>>,
+}
+
+impl Actor for Upstreams {
+    type Context = Context<Self>;
+}
+
+/// Validates upstream URLs; called before anything starts so config errors name the key.
+pub fn parse_base_url(s: &UpstreamSettings) -> Result<Url, String> {
+    let url = Url::parse(s.url.trim_end_matches('/'))
+        .map_err(|e| format!("invalid URL {:?}: {e}", s.url))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "URL {:?} must be http:// or https:// with a host",
+            s.url
+        ));
+    }
+    if url.query().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "URL {:?} must not carry a query or credentials (use username/password)",
+            s.url
+        ));
+    }
+    Ok(url)
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+impl Upstreams {
+    /// Starts the actor on a new arbiter (thread). The returned handle is `Send + Clone`.
+    pub fn start(settings: Vec<UpstreamSettings>) -> Result<UpstreamHandle, String> {
+        let mut parsed = Vec::new();
+        for s in &settings {
+            parsed.push((s.clone(), parse_base_url(s)?));
+        }
+        let arbiter = Arbiter::new();
+        let addr = Upstreams::start_in_arbiter(&arbiter.handle(), move |_| {
+            let tls = tls_config();
+            let conns = parsed
+                .into_iter()
+                .map(|(settings, base)| {
+                    let connector = awc::Connector::new()
+                        .rustls_0_23(tls.clone())
+                        .timeout(settings.connect_timeout)
+                        .handshake_timeout(settings.connect_timeout)
+                        .limit(256);
+                    let client = awc::Client::builder()
+                        .connector(connector)
+                        .disable_timeout()
+                        .disable_redirects()
+                        .add_default_header((
+                            header::USER_AGENT,
+                            concat!("pullcache/", env!("CARGO_PKG_VERSION")),
+                        ))
+                        .finish();
+                    Rc::new(Conn {
+                        settings,
+                        base,
+                        client,
+                        challenge: RefCell::new(None),
+                        tokens: RefCell::new(TokenCache::default()),
+                    })
+                })
+                .collect();
+            Upstreams { conns }
+        });
+        Ok(UpstreamHandle {
+            addr,
+            _arbiter: Arc::new(ArbiterGuard(arbiter)),
+        })
+    }
+}
+
+/// Stops the upstream thread when the last handle goes.
+struct ArbiterGuard(Arbiter);
+impl Drop for ArbiterGuard {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages.
+
+/// GET or HEAD a manifest by tag or digest.
+#[derive(Message)]
+#[rtype(result = "Result<UpstreamManifest, UpstreamError>")]
+pub struct FetchManifest {
+    pub upstream: usize,
+    pub repo: String,
+    pub reference: String,
+    pub head: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamManifest {
+    /// `Content-Type` without parameters.
+    pub media_type: String,
+    /// `Docker-Content-Digest`, when the upstream sent a valid one.
+    pub digest: Option<Digest>,
+    /// The body (GET only).
+    pub bytes: Option<Bytes>,
+}
+
+/// Size of a blob, without downloading it.
+#[derive(Message)]
+#[rtype(result = "Result<u64, UpstreamError>")]
+pub struct HeadBlob {
+    pub upstream: usize,
+    pub repo: String,
+    pub digest: Digest,
+}
+
+/// Start downloading a blob; events go to `sink` until `End` or `Failed`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StartDownload {
+    pub upstream: usize,
+    pub repo: String,
+    pub digest: Digest,
+    pub sink: mpsc::Sender<FillEvent>,
+}
+
+/// One page of an upstream tag list.
+#[derive(Message)]
+#[rtype(result = "Result<TagsPage, UpstreamError>")]
+pub struct FetchTags {
+    pub upstream: usize,
+    pub repo: String,
+    pub n: Option<u32>,
+    pub last: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TagsPage {
+    pub tags: Vec<String>,
+    /// The upstream announced another page (`Link: ...; rel="next"`).
+    pub more: bool,
+}
+
+impl Handler<FetchManifest> for Upstreams {
+    type Result = ResponseFuture<Result<UpstreamManifest, UpstreamError>>;
+    fn handle(&mut self, m: FetchManifest, _: &mut Self::Context) -> Self::Result {
+        let conn = self.conns[m.upstream].clone();
+        Box::pin(async move { conn.fetch_manifest(&m.repo, &m.reference, m.head).await })
+    }
+}
+
+impl Handler<HeadBlob> for Upstreams {
+    type Result = ResponseFuture<Result<u64, UpstreamError>>;
+    fn handle(&mut self, m: HeadBlob, _: &mut Self::Context) -> Self::Result {
+        let conn = self.conns[m.upstream].clone();
+        Box::pin(async move { conn.head_blob(&m.repo, &m.digest).await })
+    }
+}
+
+impl Handler<StartDownload> for Upstreams {
+    type Result = ();
+    fn handle(&mut self, m: StartDownload, _: &mut Self::Context) {
+        let conn = self.conns[m.upstream].clone();
+        // Runs on this arbiter independently of whoever asked: a client that goes away does
+        // not stop the download.
+        actix_rt::spawn(async move { conn.download(&m.repo, &m.digest, m.sink).await });
+    }
+}
+
+impl Handler<FetchTags> for Upstreams {
+    type Result = ResponseFuture<Result<TagsPage, UpstreamError>>;
+    fn handle(&mut self, m: FetchTags, _: &mut Self::Context) -> Self::Result {
+        let conn = self.conns[m.upstream].clone();
+        Box::pin(async move { conn.fetch_tags(&m.repo, m.n, m.last.as_deref()).await })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The client logic.
+
+struct Req<'a> {
+    method: Method,
+    url: String,
+    scope: Option<String>,
+    accept: Option<&'a str>,
+    range: Option<String>,
+    follow_redirects: bool,
+}
+
+impl Conn {
+    fn name(&self) -> String {
+        self.settings.name.clone()
+    }
+
+    fn has_credentials(&self) -> bool {
+        !self.settings.username.is_empty() || !self.settings.password.is_empty()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base.as_str().trim_end_matches('/'), path)
+    }
+
+    fn same_origin(&self, url: &Url) -> bool {
+        url.scheme() == self.base.scheme()
+            && url.host_str() == self.base.host_str()
+            && url.port_or_known_default() == self.base.port_or_known_default()
+    }
+
+    async fn fetch_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        head: bool,
+    ) -> Result<UpstreamManifest, UpstreamError> {
+        let accept = media_types::ALL.join(", ");
+        let mut resp = self
+            .send(Req {
+                method: if head { Method::HEAD } else { Method::GET },
+                url: self.url(&format!("/v2/{repo}/manifests/{reference}")),
+                scope: Some(pull_scope(repo)),
+                accept: Some(&accept),
+                range: None,
+                follow_redirects: true,
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(&mut resp, head).await);
+        }
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v.trim()).ok());
+        if let Some(len) = content_length(&resp) {
+            if len > MAX_MANIFEST_BYTES as u64 {
+                return Err(
+                    self.protocol(format!("manifest of {len} bytes exceeds the 4 MiB limit"))
+                );
+            }
+        }
+        let bytes = if head {
+            None
+        } else {
+            let body = tokio::time::timeout(
+                self.settings.response_timeout,
+                resp.body().limit(MAX_MANIFEST_BYTES),
+            )
+            .await;
+            match body {
+                Err(_) => return Err(self.timeout("reading a manifest body")),
+                Ok(Err(awc::error::PayloadError::Overflow)) => {
+                    return Err(self.protocol("manifest exceeds the 4 MiB limit".into()))
+                }
+                Ok(Err(e)) => return Err(self.protocol(format!("reading a manifest body: {e}"))),
+                Ok(Ok(b)) => Some(b),
+            }
+        };
+        Ok(UpstreamManifest {
+            media_type,
+            digest,
+            bytes,
+        })
+    }
+
+    async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<u64, UpstreamError> {
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let mut resp = self
+            .send(Req {
+                method: Method::HEAD,
+                url: url.clone(),
+                scope: Some(pull_scope(repo)),
+                accept: None,
+                range: None,
+                follow_redirects: true,
+            })
+            .await?;
+        if resp.status() == StatusCode::OK {
+            if let Some(len) = content_length(&resp) {
+                return Ok(len);
+            }
+        } else if resp.status() != StatusCode::METHOD_NOT_ALLOWED
+            && resp.status() != StatusCode::FORBIDDEN
+        {
+            return Err(self.status_error(&mut resp, true).await);
+        }
+        // No usable length from HEAD (some redirect targets refuse HEAD or omit it): ask for
+        // the first byte and read the total from Content-Range.
+        let mut resp = self
+            .send(Req {
+                method: Method::GET,
+                url,
+                scope: Some(pull_scope(repo)),
+                accept: None,
+                range: Some("bytes=0-0".into()),
+                follow_redirects: true,
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit('/').next())
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| self.protocol("206 without a usable Content-Range".into())),
+            StatusCode::OK => {
+                content_length(&resp).ok_or_else(|| self.protocol("blob size unknown".into()))
+            }
+            _ => Err(self.status_error(&mut resp, false).await),
+        }
+    }
+
+    async fn download(&self, repo: &str, digest: &Digest, sink: mpsc::Sender<FillEvent>) {
+        let req = Req {
+            method: Method::GET,
+            url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
+            scope: Some(pull_scope(repo)),
+            accept: None,
+            range: None,
+            follow_redirects: true,
+        };
+        let mut resp = match self.send(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = sink.send(FillEvent::Failed(e)).await;
+                return;
+            }
+        };
+        if resp.status() != StatusCode::OK {
+            let e = self.status_error(&mut resp, false).await;
+            let _ = sink.send(FillEvent::Failed(e)).await;
+            return;
+        }
+        if sink
+            .send(FillEvent::Headers {
+                total: content_length(&resp),
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let event = match tokio::time::timeout(self.settings.idle_timeout, resp.next()).await {
+                Ok(Some(Ok(chunk))) => FillEvent::Chunk(chunk),
+                Ok(Some(Err(e))) => FillEvent::Failed(self.protocol(format!("blob body: {e}"))),
+                Ok(None) => FillEvent::End,
+                Err(_) => FillEvent::Failed(self.timeout("while streaming a blob (idle)")),
+            };
+            let last = !matches!(event, FillEvent::Chunk(_));
+            if sink.send(event).await.is_err() || last {
+                return;
+            }
+        }
+    }
+
+    async fn fetch_tags(
+        &self,
+        repo: &str,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<TagsPage, UpstreamError> {
+        let mut url = Url::parse(&self.url(&format!("/v2/{repo}/tags/list")))
+            .map_err(|e| self.protocol(e.to_string()))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(n) = n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(l) = last {
+                q.append_pair("last", l);
+            }
+        }
+        let mut url = url.to_string();
+        if url.ends_with('?') {
+            url.pop();
+        }
+        let mut resp = self
+            .send(Req {
+                method: Method::GET,
+                url,
+                scope: Some(pull_scope(repo)),
+                accept: Some("application/json"),
+                range: None,
+                follow_redirects: true,
+            })
+            .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(&mut resp, false).await);
+        }
+        let more = resp
+            .headers()
+            .get_all(header::LINK)
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("rel=\"next\"") || v.contains("rel=next"));
+        #[derive(serde::Deserialize)]
+        struct List {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let body = tokio::time::timeout(
+            self.settings.response_timeout,
+            resp.body().limit(MAX_MANIFEST_BYTES),
+        )
+        .await
+        .map_err(|_| self.timeout("reading a tag list"))?
+        .map_err(|e| self.protocol(format!("tag list: {e}")))?;
+        let list: List = serde_json::from_slice(&body)
+            .map_err(|e| self.protocol(format!("tag list is not JSON: {e}")))?;
+        Ok(TagsPage {
+            tags: list.tags.unwrap_or_default(),
+            more,
+        })
+    }
+
+    /// Sends a request with authentication: answers one 401 challenge (fetching a token or
+    /// using Basic credentials) and follows redirects when asked.
+    async fn send(&self, req: Req<'_>) -> Result<ClientResponse, UpstreamError> {
+        let scope = req.scope.clone().unwrap_or_default();
+        let mut authz = self.known_authorization(&scope).await?;
+        let mut answered_challenge = false;
+        loop {
+            let resp = self.send_following(&req, authz.as_deref()).await?;
+            if resp.status() != StatusCode::UNAUTHORIZED {
+                return Ok(resp);
+            }
+            let challenge = auth::parse_challenges(
+                resp.headers()
+                    .get_all(header::WWW_AUTHENTICATE)
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            if answered_challenge || challenge.is_none() {
+                return Err(UpstreamError::Unauthorized {
+                    upstream: self.name(),
+                    anonymous: !self.has_credentials(),
+                });
+            }
+            answered_challenge = true;
+            *self.challenge.borrow_mut() = challenge;
+            self.tokens.borrow_mut().remove(&scope);
+            authz = self.known_authorization(&scope).await?;
+            if authz.is_none() {
+                return Err(UpstreamError::Unauthorized {
+                    upstream: self.name(),
+                    anonymous: true,
+                });
+            }
+        }
+    }
+
+    /// The `Authorization` value for `scope` given the challenge seen so far, fetching a
+    /// token if needed.
+    async fn known_authorization(&self, scope: &str) -> Result<Option<String>, UpstreamError> {
+        let challenge = self.challenge.borrow().clone();
+        match challenge {
+            None => Ok(None),
+            Some(Challenge::Basic) => Ok(self.has_credentials().then(|| {
+                auth::basic_header(&self.settings.username, self.settings.password.expose())
+            })),
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                if let Some(t) = self.tokens.borrow().get(scope, Instant::now()) {
+                    return Ok(Some(format!("Bearer {t}")));
+                }
+                let (token, lifetime) = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                self.tokens
+                    .borrow_mut()
+                    .insert(scope, token.clone(), lifetime, Instant::now());
+                Ok(Some(format!("Bearer {token}")))
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration), UpstreamError> {
+        let mut url =
+            Url::parse(realm).map_err(|_| self.protocol("token realm is not a URL".into()))?;
+        let realm_host = url.host_str().unwrap_or("").to_string();
+        if !auth::realm_allowed(self.base.host_str().unwrap_or(""), &realm_host) {
+            return Err(self.protocol(format!("token realm host {realm_host:?} is not the registry's domain; refusing to send credentials there")));
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            if !scope.is_empty() {
+                q.append_pair("scope", scope);
+            }
+            if self.has_credentials() {
+                q.append_pair("account", &self.settings.username);
+            }
+        }
+        let mut attempt = 0;
+        let mut resp = loop {
+            let mut r = self.client.get(url.as_str());
+            if self.has_credentials() {
+                r = r.insert_header((
+                    header::AUTHORIZATION,
+                    auth::basic_header(&self.settings.username, self.settings.password.expose()),
+                ));
+            }
+            match tokio::time::timeout(self.settings.response_timeout, r.send()).await {
+                Err(_) => return Err(self.timeout("waiting for a token")),
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(e)) if attempt < CONNECT_RETRIES && retryable(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Ok(Err(e)) => return Err(self.send_error(e)),
+            }
+        };
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(UpstreamError::Unauthorized {
+                    upstream: self.name(),
+                    anonymous: !self.has_credentials(),
+                })
+            }
+            _ => return Err(self.status_error(&mut resp, false).await),
+        }
+        let body = tokio::time::timeout(
+            self.settings.response_timeout,
+            resp.body().limit(MAX_TOKEN_BODY),
+        )
+        .await
+        .map_err(|_| self.timeout("reading a token"))?
+        .map_err(|e| self.protocol(format!("token response: {e}")))?;
+        let t: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|_| self.protocol("token response is not JSON".into()))?;
+        let token = t
+            .bearer()
+            .ok_or_else(|| self.protocol("token response without a token".into()))?
+            .to_string();
+        Ok((token, t.lifetime()))
+    }
+
+    /// One request, following redirects by hand. `Authorization` goes only to the
+    /// upstream's own origin; a redirect target (a CDN with a signed URL) gets none.
+    async fn send_following(
+        &self,
+        req: &Req<'_>,
+        authz: Option<&str>,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let mut url = Url::parse(&req.url).map_err(|e| self.protocol(format!("bad URL: {e}")))?;
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = self
+                .send_once(req, &url, authz.filter(|_| self.same_origin(&url)))
+                .await?;
+            let redirect = req.follow_redirects
+                && matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308)
+                && (req.method == Method::GET || req.method == Method::HEAD);
+            if !redirect {
+                return Ok(resp);
+            }
+            let loc = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| self.protocol("redirect without Location".into()))?;
+            url = url
+                .join(loc)
+                .map_err(|_| self.protocol("redirect to an invalid Location".into()))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(self.protocol("redirect to a non-HTTP URL".into()));
+            }
+        }
+        Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    async fn send_once(
+        &self,
+        req: &Req<'_>,
+        url: &Url,
+        authz: Option<&str>,
+    ) -> Result<ClientResponse, UpstreamError> {
+        let mut attempt = 0;
+        loop {
+            let mut r = self.client.request(req.method.clone(), url.as_str());
+            if let Some(a) = req.accept {
+                r = r.insert_header((header::ACCEPT, a));
+            }
+            if let Some(a) = authz {
+                r = r.insert_header((header::AUTHORIZATION, a));
+            }
+            if let Some(range) = &req.range {
+                r = r.insert_header((header::RANGE, range.as_str()));
+            }
+            match tokio::time::timeout(self.settings.response_timeout, r.send()).await {
+                Err(_) => return Err(self.timeout("waiting for response headers")),
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) if attempt < CONNECT_RETRIES && retryable(&e) => {
+                    attempt += 1;
+                    tracing::debug!(upstream = %self.settings.name, attempt, error = %e, "retrying upstream request");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Ok(Err(e)) => return Err(self.send_error(e)),
+            }
+        }
+    }
+
+    /// Turns a non-success response into an error, reading the OCI error message if any.
+    async fn status_error(&self, resp: &mut ClientResponse, head: bool) -> UpstreamError {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let mut message = None;
+        if !head {
+            if let Ok(Ok(body)) =
+                tokio::time::timeout(Duration::from_secs(5), resp.body().limit(MAX_ERROR_BODY))
+                    .await
+            {
+                message = oci_error_message(&body);
+            }
+        }
+        UpstreamError::Status {
+            upstream: self.name(),
+            status,
+            message,
+            retry_after,
+        }
+    }
+
+    fn protocol(&self, detail: String) -> UpstreamError {
+        UpstreamError::Protocol {
+            upstream: self.name(),
+            detail,
+        }
+    }
+
+    fn timeout(&self, stage: &'static str) -> UpstreamError {
+        UpstreamError::Timeout {
+            upstream: self.name(),
+            stage,
+        }
+    }
+
+    fn send_error(&self, e: awc::error::SendRequestError) -> UpstreamError {
+        use awc::error::{ConnectError, SendRequestError as E};
+        match e {
+            E::Timeout | E::Connect(ConnectError::Timeout) => self.timeout("connecting"),
+            E::Connect(c) => UpstreamError::Connect {
+                upstream: self.name(),
+                detail: c.to_string(),
+            },
+            other => UpstreamError::Connect {
+                upstream: self.name(),
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+fn retryable(e: &awc::error::SendRequestError) -> bool {
+    use awc::error::{ConnectError, SendRequestError as E};
+    match e {
+        E::Connect(ConnectError::Timeout) | E::Timeout => false,
+        E::Connect(_) | E::Send(_) | E::Response(_) | E::H2(_) => true,
+        _ => false,
+    }
+}
+
+fn pull_scope(repo: &str) -> String {
+    format!("repository:{repo}:pull")
+}
+
+fn content_length(resp: &ClientResponse) -> Option<u64> {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The first message of an OCI error body, if the body is one.
+fn oci_error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let e = v.get("errors")?.get(0)?;
+    let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("");
+    let msg = e.get("message").and_then(|c| c.as_str()).unwrap_or("");
+    let s = format!("{code} {msg}").trim().to_string();
+    (!s.is_empty()).then(|| s.chars().take(300).collect())
+}
+
+// ---------------------------------------------------------------------------------------
+
+/// What other actors hold to talk to the upstream client.
+#[derive(Clone)]
+pub struct UpstreamHandle {
+    addr: Addr<Upstreams>,
+    _arbiter: Arc<ArbiterGuard>,
+}
+
+impl UpstreamHandle {
+    fn gone(e: MailboxError) -> UpstreamError {
+        UpstreamError::Connect {
+            upstream: "-".into(),
+            detail: format!("upstream client unavailable: {e}"),
+        }
+    }
+
+    pub async fn manifest(
+        &self,
+        upstream: usize,
+        repo: &str,
+        reference: &str,
+        head: bool,
+    ) -> Result<UpstreamManifest, UpstreamError> {
+        self.addr
+            .send(FetchManifest {
+                upstream,
+                repo: repo.into(),
+                reference: reference.into(),
+                head,
+            })
+            .await
+            .map_err(Self::gone)?
+    }
+
+    pub async fn head_blob(
+        &self,
+        upstream: usize,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<u64, UpstreamError> {
+        self.addr
+            .send(HeadBlob {
+                upstream,
+                repo: repo.into(),
+                digest: digest.clone(),
+            })
+            .await
+            .map_err(Self::gone)?
+    }
+
+    pub fn start_download(
+        &self,
+        upstream: usize,
+        repo: &str,
+        digest: &Digest,
+        sink: mpsc::Sender<FillEvent>,
+    ) {
+        self.addr.do_send(StartDownload {
+            upstream,
+            repo: repo.into(),
+            digest: digest.clone(),
+            sink,
+        });
+    }
+
+    pub async fn tags(
+        &self,
+        upstream: usize,
+        repo: &str,
+        n: Option<u32>,
+        last: Option<String>,
+    ) -> Result<TagsPage, UpstreamError> {
+        self.addr
+            .send(FetchTags {
+                upstream,
+                repo: repo.into(),
+                n,
+                last,
+            })
+            .await
+            .map_err(Self::gone)?
+    }
+}

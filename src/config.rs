@@ -1,0 +1,364 @@
+//! The one configuration struct, its defaults (in code: every field has a serde default, so
+//! pullcache runs with no file at all), and the layers it is read from:
+//!
+//! 1. the file: `--config FILE`, or the embedded `config/pullcache.toml`;
+//! 2. environment variables `PULLCACHE_<SECTION>__<KEY>` (e.g. `PULLCACHE_SERVER__LISTEN`,
+//!    `PULLCACHE_STORAGE__ROOT`, `PULLCACHE_CACHE__TAG_TTL`), which override the file.
+//!
+//! `${ENV_VAR}` inside an upstream's `username`/`password` is replaced by that variable.
+//! Validation names the key at fault.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use pullcache_actors::settings::humantime_serde_compat;
+use pullcache_actors::upstream::parse_base_url;
+use pullcache_actors::{CacheSettings, EngineSettings, StorageSettings, UpstreamSettings};
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration (a Docker Hub mirror on 127.0.0.1:5000, data in ./data).
+pub const EMBEDDED: &str = include_str!("../config/pullcache.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub cache: CacheSettings,
+    pub log: LogSettings,
+    /// The registries mirrored. Default: Docker Hub, as the default upstream.
+    pub upstreams: Vec<UpstreamSettings>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerSettings::default(),
+            storage: StorageSettings::default(),
+            cache: CacheSettings::default(),
+            log: LogSettings::default(),
+            upstreams: vec![UpstreamSettings::docker_hub()],
+        }
+    }
+}
+
+/// `[server]`: the HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address and port to listen on.
+    pub listen: String,
+    /// HTTP worker threads; 0 = one per CPU core.
+    pub workers: usize,
+    /// On SIGTERM/SIGINT: stop accepting, then give in-flight responses this long to finish.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: "127.0.0.1:5000".into(),
+            workers: 0,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[log]`: what is logged, and how.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// A tracing filter: `info`, `debug`, `pullcache_actors=debug,info`. `RUST_LOG` overrides.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads the file (or the embedded default), applies the environment, expands
+    /// `${VAR}` in credentials and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        use config::{Environment, File, FileFormat};
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PULLCACHE_"))
+            .collect();
+        let builder = config::Config::builder();
+        let builder = match path {
+            Some(p) => builder.add_source(File::from(p).format(FileFormat::Toml).required(true)),
+            None => builder.add_source(File::from_str(EMBEDDED, FileFormat::Toml)),
+        };
+        let built = builder
+            .add_source(
+                Environment::with_prefix("PULLCACHE")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .source(Some(env)),
+            )
+            .build()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        cfg.expand_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn expand_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        for (i, u) in self.upstreams.iter_mut().enumerate() {
+            u.username = expand(&u.username, &lookup).map_err(|v| {
+                ConfigError(format!(
+                    "upstreams[{i}].username: environment variable {v} is not set"
+                ))
+            })?;
+            u.password.0 = expand(&u.password.0, &lookup).map_err(|v| {
+                ConfigError(format!(
+                    "upstreams[{i}].password: environment variable {v} is not set"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |s: String| Err(ConfigError(s));
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return err(format!(
+                "server.listen: {:?} is not an address:port (e.g. \"127.0.0.1:5000\")",
+                self.server.listen
+            ));
+        }
+        if self.storage.root.as_os_str().is_empty() {
+            return err("storage.root: must not be empty".into());
+        }
+        if self.cache.tag_ttl.is_zero() {
+            // Zero would revalidate every request; allowed but worth saying? Keep it allowed.
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return err(format!(
+                "log.format: {:?} must be \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        if self.upstreams.is_empty() {
+            return err("upstreams: at least one upstream is needed".into());
+        }
+        let mut defaults = 0;
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = format!("upstreams[{i}]");
+            if u.name.is_empty() {
+                return err(format!(
+                    "{key}.name: missing (a registry host name such as \"ghcr.io\")"
+                ));
+            }
+            if !u
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'))
+            {
+                return err(format!("{key}.name: {:?} must be a registry host name such as \"docker.io\" or \"myregistry:5000\"", u.name));
+            }
+            if u.url.is_empty() {
+                return err(format!("{key}.url: missing (e.g. \"https://ghcr.io\")"));
+            }
+            if let Err(e) = parse_base_url(u) {
+                return err(format!("{key}.url: {e}"));
+            }
+            if let Some(p) = &u.prefix {
+                if p.is_empty()
+                    || p.contains('/')
+                    || pullcache_actors::reference::validate_name(p).is_err()
+                {
+                    return err(format!(
+                        "{key}.prefix: {p:?} must be one lowercase name component such as \"ghcr\""
+                    ));
+                }
+            }
+            for (field, d) in [
+                ("connect_timeout", u.connect_timeout),
+                ("response_timeout", u.response_timeout),
+                ("idle_timeout", u.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return err(format!("{key}.{field}: must be greater than zero"));
+                }
+            }
+            if u.username.is_empty() != u.password.is_empty() {
+                return err(format!(
+                    "{key}: username and password must be given together"
+                ));
+            }
+            for (j, v) in self.upstreams.iter().enumerate().take(i) {
+                if v.name.eq_ignore_ascii_case(&u.name) {
+                    return err(format!(
+                        "{key}.name: {:?} is also the name of upstreams[{j}]",
+                        u.name
+                    ));
+                }
+                if u.prefix.is_some() && v.prefix == u.prefix {
+                    return err(format!(
+                        "{key}.prefix: {:?} is also the prefix of upstreams[{j}]",
+                        u.prefix.as_deref().unwrap_or("")
+                    ));
+                }
+            }
+            defaults += u.default as usize;
+        }
+        if defaults > 1 {
+            return err("upstreams: at most one upstream may have default = true".into());
+        }
+        Ok(())
+    }
+
+    pub fn engine_settings(&self) -> EngineSettings {
+        EngineSettings {
+            storage: self.storage.clone(),
+            cache: self.cache.clone(),
+            upstreams: self.upstreams.clone(),
+        }
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+    }
+}
+
+/// Replaces every `${NAME}` with the variable's value; `Err(NAME)` if one is unset.
+fn expand(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + 2 + len];
+        out.push_str(&rest[..start]);
+        out.push_str(&lookup(name).ok_or_else(|| name.to_string())?);
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, toml).unwrap();
+        Config::load_with_env(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn embedded_default_is_a_docker_hub_mirror() {
+        let c = Config::load_with_env(None, Vec::new()).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:5000");
+        assert_eq!(c.storage.root, std::path::PathBuf::from("./data"));
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].name, "docker.io");
+        assert_eq!(c.upstreams[0].url, "https://registry-1.docker.io");
+        assert!(c.upstreams[0].default);
+        assert!(c.upstreams[0].uses_library_prefix());
+    }
+
+    #[test]
+    fn empty_file_means_defaults_and_env_overrides() {
+        let c = load_str(
+            "",
+            &[
+                ("PULLCACHE_SERVER__LISTEN", "127.0.0.1:6000"),
+                ("PULLCACHE_CACHE__TAG_TTL", "1h"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:6000");
+        assert_eq!(c.cache.tag_ttl, Duration::from_secs(3600));
+        assert_eq!(c.upstreams[0].name, "docker.io");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load_str("[server]\nlisten = \"nonsense\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = load_str("[cache]\ntag_ttl = \"5 parsecs\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tag_ttl"), "{e}");
+        let e = load_str("[server]\nlisten_addr = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+        let e = load_str("[[upstreams]]\nname = \"a\"\nurl = \"ftp://x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstreams[0].url"), "{e}");
+        let two = "[[upstreams]]\nname = \"a\"\nurl = \"http://a\"\ndefault = true\n[[upstreams]]\nname = \"b\"\nurl = \"http://b\"\ndefault = true\n";
+        assert!(load_str(two, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("at most one"));
+    }
+
+    #[test]
+    fn credentials_expand_and_are_redacted() {
+        std::env::set_var("PULLCACHE_TEST_SECRET_X", "hunter2");
+        let c = load_str(
+            "[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\nusername = \"me\"\npassword = \"${PULLCACHE_TEST_SECRET_X}\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].password.expose(), "hunter2");
+        let printed = c.to_redacted_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("***"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let e = load_str("[[upstreams]]\nname = \"g\"\nurl = \"https://g\"\nusername = \"me\"\npassword = \"${PULLCACHE_TEST_UNSET_Y}\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstreams[0].password") && e.contains("PULLCACHE_TEST_UNSET_Y"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn expand_handles_text_around_variables() {
+        let look = |k: &str| (k == "A").then(|| "1".to_string());
+        assert_eq!(expand("x${A}y", &look).unwrap(), "x1y");
+        assert_eq!(expand("plain", &look).unwrap(), "plain");
+        assert_eq!(expand("${B}", &look).unwrap_err(), "B");
+    }
+}

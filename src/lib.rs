@@ -1,0 +1,10 @@
+//! pullcache, the daemon: configuration, the HTTP layer of the registry pull API, and
+//! start-up. The cache engine is the `pullcache-actors` crate.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod routes;
+pub mod server;
+pub mod telemetry;

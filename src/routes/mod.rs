@@ -1,0 +1,325 @@
+//! The HTTP layer of the pull API. It validates what a request names (repository, tag,
+//! digest), picks the upstream, hands the request to the engine through its handles and
+//! streams the answer. It holds no cache state.
+//!
+//! Paths are parsed from the right (`/v2/<name>/manifests/<ref>`: the last segments are
+//! fixed, the name is everything before them), on the raw, undecoded path: a `%2e%2e` or
+//! `..` never becomes anything but an invalid name.
+
+pub mod base;
+pub mod blob;
+pub mod manifest;
+pub mod tags;
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use oci_spec::distribution::ErrorCode;
+use pullcache_actors::reference::{validate_name, MAX_NAME_LEN};
+use pullcache_actors::{Engine, UpstreamSettings};
+
+use crate::error::ApiError;
+
+/// Shared, immutable request-handling state: the engine's handles and the routing table.
+pub struct AppState {
+    pub engine: Engine,
+    pub router: Router,
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource(["/v2", "/v2/{tail:.*}"]).route(web::route().to(dispatch)))
+        .service(
+            web::resource("/healthz")
+                .route(web::get().to(base::healthz))
+                .route(web::head().to(base::healthz)),
+        );
+}
+
+/// The endpoint a `/v2...` path names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint<'a> {
+    Base,
+    Catalog,
+    Manifest { name: &'a str, reference: &'a str },
+    Blob { name: &'a str, digest: &'a str },
+    Tags { name: &'a str },
+    Referrers { name: &'a str, digest: &'a str },
+}
+
+/// Parses the part of the path after `/v2`.
+pub fn parse_endpoint(rest: &str) -> Option<Endpoint<'_>> {
+    match rest {
+        "" | "/" => return Some(Endpoint::Base),
+        "/_catalog" => return Some(Endpoint::Catalog),
+        _ => {}
+    }
+    let rest = rest.strip_prefix('/')?;
+    let (head, last) = rest.rsplit_once('/')?;
+    let (name, kind) = head.rsplit_once('/')?;
+    if name.is_empty() || last.is_empty() {
+        return None;
+    }
+    match (kind, last) {
+        ("tags", "list") => Some(Endpoint::Tags { name }),
+        ("manifests", r) => Some(Endpoint::Manifest { name, reference: r }),
+        ("blobs", d) => Some(Endpoint::Blob { name, digest: d }),
+        ("referrers", d) => Some(Endpoint::Referrers { name, digest: d }),
+        _ => None,
+    }
+}
+
+/// Where a repository name is served from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub upstream: usize,
+    /// The repository name on the upstream (prefix stripped, `library/` added).
+    pub repo: String,
+}
+
+/// The upstream routing table, built once from the configuration.
+pub struct Router {
+    upstreams: Vec<UpstreamSettings>,
+    default: Option<usize>,
+}
+
+impl Router {
+    pub fn new(upstreams: &[UpstreamSettings]) -> Router {
+        Router {
+            upstreams: upstreams.to_vec(),
+            default: upstreams.iter().position(|u| u.default),
+        }
+    }
+
+    /// Picks the upstream for a (validated) client-side name: `ns=` first, then a path
+    /// prefix, then the default upstream.
+    pub fn route(&self, name: &str, ns: Option<&str>) -> Result<Routed, ApiError> {
+        let (upstream, repo) = if let Some(ns) = ns {
+            let i = self
+                .upstreams
+                .iter()
+                .position(|u| u.name.eq_ignore_ascii_case(ns))
+                .ok_or_else(|| {
+                    ApiError::name_unknown(format!("no upstream is configured for ns={ns}"))
+                })?;
+            (i, name)
+        } else if let Some((i, rest)) = self.by_prefix(name) {
+            (i, rest)
+        } else if let Some(i) = self.default {
+            (i, name)
+        } else {
+            return Err(ApiError::name_unknown(format!(
+                "repository {name} matches no upstream: use a configured path prefix, ?ns=<registry>, or configure a default upstream"
+            )));
+        };
+        let repo = if self.upstreams[upstream].uses_library_prefix() && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo.to_string()
+        };
+        if repo.len() > MAX_NAME_LEN {
+            return Err(ApiError::oci(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameInvalid,
+                "repository name too long",
+            ));
+        }
+        Ok(Routed { upstream, repo })
+    }
+
+    /// `<prefix>/<rest>` for a configured prefix. For the default upstream's own prefix the
+    /// rest must have two components or more: `docker/compose` is Docker Hub's repository
+    /// of user `docker`, `docker/library/alpine` is the prefixed form of `library/alpine`.
+    fn by_prefix<'a>(&self, name: &'a str) -> Option<(usize, &'a str)> {
+        let (first, rest) = name.split_once('/')?;
+        let i = self
+            .upstreams
+            .iter()
+            .position(|u| u.prefix.as_deref() == Some(first))?;
+        if Some(i) == self.default && !rest.contains('/') {
+            return None;
+        }
+        Some((i, rest))
+    }
+
+    /// How clients address a cached repository (for the catalog).
+    pub fn client_name(&self, upstream: usize, repo: &str) -> String {
+        if Some(upstream) == self.default {
+            repo.to_string()
+        } else if let Some(p) = &self.upstreams[upstream].prefix {
+            format!("{p}/{repo}")
+        } else {
+            repo.to_string()
+        }
+    }
+}
+
+/// Query parameters of interest (`ns`, `n`, `last`); unknown ones are ignored.
+#[derive(Debug, Default)]
+pub struct Query {
+    pub ns: Option<String>,
+    pub n: Option<String>,
+    pub last: Option<String>,
+}
+
+impl Query {
+    pub fn parse(q: &str) -> Query {
+        let mut out = Query::default();
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            match &*k {
+                "ns" => out.ns = Some(v.into_owned()),
+                "n" => out.n = Some(v.into_owned()),
+                "last" => out.last = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Every `/v2` request comes here.
+async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let path = req.uri().path();
+    let rest = path.strip_prefix("/v2").unwrap_or("");
+    let endpoint = parse_endpoint(rest)
+        .ok_or_else(|| ApiError::name_unknown(format!("no such endpoint: {}", truncate(path))))?;
+    let method = req.method();
+    let read = method == Method::GET || method == Method::HEAD;
+    if !read {
+        return Err(ApiError::unsupported(format!(
+            "{method} is not supported: pullcache is a read-only pull-through cache"
+        )));
+    }
+    let head = method == Method::HEAD;
+    let query = Query::parse(req.uri().query().unwrap_or(""));
+    let name = match &endpoint {
+        Endpoint::Base => return Ok(base::version_check(head)),
+        Endpoint::Catalog => return tags::catalog(&req, &state, &query).await,
+        Endpoint::Manifest { name, .. }
+        | Endpoint::Blob { name, .. }
+        | Endpoint::Tags { name }
+        | Endpoint::Referrers { name, .. } => *name,
+    };
+    validate_name(name)?;
+    let routed = state.router.route(name, query.ns.as_deref())?;
+    match endpoint {
+        Endpoint::Manifest { reference, .. } => {
+            manifest::serve(&req, &state, &routed, reference, head).await
+        }
+        Endpoint::Blob { digest, .. } => blob::serve(&req, &state, &routed, digest, head).await,
+        Endpoint::Tags { .. } => tags::list(&req, &state, &routed, name, &query).await,
+        Endpoint::Referrers { digest, .. } => {
+            pullcache_actors::Digest::parse(digest)
+                .map_err(pullcache_actors::reference::ReferenceError::from)?;
+            // No referrers API: 404 makes clients fall back to the `sha256-<hex>` tag schema,
+            // which is served as an ordinary tag.
+            Err(ApiError::oci(
+                StatusCode::NOT_FOUND,
+                ErrorCode::ManifestUnknown,
+                "the referrers API is not offered; use the tag schema",
+            ))
+        }
+        Endpoint::Base | Endpoint::Catalog => unreachable!("handled above"),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_from_the_right() {
+        assert_eq!(parse_endpoint(""), Some(Endpoint::Base));
+        assert_eq!(parse_endpoint("/"), Some(Endpoint::Base));
+        assert_eq!(parse_endpoint("/_catalog"), Some(Endpoint::Catalog));
+        assert_eq!(
+            parse_endpoint("/library/alpine/manifests/3.20"),
+            Some(Endpoint::Manifest {
+                name: "library/alpine",
+                reference: "3.20"
+            })
+        );
+        assert_eq!(
+            parse_endpoint("/a/manifests/blobs/blobs/sha256:x"),
+            Some(Endpoint::Blob {
+                name: "a/manifests/blobs",
+                digest: "sha256:x"
+            })
+        );
+        assert_eq!(
+            parse_endpoint("/a/b/tags/list"),
+            Some(Endpoint::Tags { name: "a/b" })
+        );
+        assert_eq!(
+            parse_endpoint("/a/referrers/sha256:x"),
+            Some(Endpoint::Referrers {
+                name: "a",
+                digest: "sha256:x"
+            })
+        );
+        assert_eq!(parse_endpoint("/manifests/latest"), None);
+        assert_eq!(parse_endpoint("/a/manifests/"), None);
+        assert_eq!(parse_endpoint("/a/other/x"), None);
+        assert_eq!(parse_endpoint("/a"), None);
+    }
+
+    fn up(name: &str, default: bool, prefix: Option<&str>) -> UpstreamSettings {
+        UpstreamSettings {
+            name: name.into(),
+            url: format!("https://{name}"),
+            default,
+            prefix: prefix.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn routing_order_ns_prefix_default() {
+        let r = Router::new(&[
+            up("docker.io", true, Some("docker")),
+            up("ghcr.io", false, Some("ghcr")),
+            up("quay.io", false, None),
+        ]);
+        let rt = |n: &str, ns: Option<&str>| r.route(n, ns).map(|x| (x.upstream, x.repo));
+        assert_eq!(rt("alpine", None).unwrap(), (0, "library/alpine".into()));
+        assert_eq!(
+            rt("library/alpine", None).unwrap(),
+            (0, "library/alpine".into())
+        );
+        assert_eq!(
+            rt("alpine", Some("docker.io")).unwrap(),
+            (0, "library/alpine".into())
+        );
+        assert_eq!(
+            rt("org/app", Some("ghcr.io")).unwrap(),
+            (1, "org/app".into())
+        );
+        assert_eq!(
+            rt("org/app", Some("quay.io")).unwrap(),
+            (2, "org/app".into())
+        );
+        assert_eq!(rt("ghcr/org/app", None).unwrap(), (1, "org/app".into()));
+        assert_eq!(
+            rt("docker/library/alpine", None).unwrap(),
+            (0, "library/alpine".into())
+        );
+        // Docker Hub's own "docker" user stays reachable.
+        assert_eq!(
+            rt("docker/compose", None).unwrap(),
+            (0, "docker/compose".into())
+        );
+        assert!(rt("x", Some("evil.example")).is_err());
+        let r = Router::new(&[up("ghcr.io", false, Some("ghcr"))]);
+        assert!(r.route("org/app", None).is_err());
+    }
+
+    #[test]
+    fn query_parsing_ignores_unknown_parameters() {
+        let q = Query::parse("ns=docker.io&x=1&n=10&last=a%2Bb");
+        assert_eq!(q.ns.as_deref(), Some("docker.io"));
+        assert_eq!(q.n.as_deref(), Some("10"));
+        assert_eq!(q.last.as_deref(), Some("a+b"));
+    }
+}
