@@ -103,7 +103,12 @@ impl Config {
         use config::{Environment, File, FileFormat};
         let env: std::collections::HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("PULLCACHE_"))
+            // Only PULLCACHE_<SECTION>__<KEY>: other PULLCACHE_* variables (PULLCACHE_BIN in
+            // scripts, say) are not configuration.
+            .filter(|(k, _)| {
+                k.strip_prefix("PULLCACHE_")
+                    .is_some_and(|r| r.contains("__"))
+            })
             .collect();
         let builder = config::Config::builder();
         let builder = match path {
@@ -299,6 +304,7 @@ mod tests {
             &[
                 ("PULLCACHE_SERVER__LISTEN", "127.0.0.1:6000"),
                 ("PULLCACHE_CACHE__TAG_TTL", "1h"),
+                ("PULLCACHE_BIN", "/not/config"),
             ],
         )
         .unwrap();

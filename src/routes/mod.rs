@@ -179,15 +179,15 @@ impl Query {
 async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path();
     let rest = path.strip_prefix("/v2").unwrap_or("");
-    let endpoint = parse_endpoint(rest)
-        .ok_or_else(|| ApiError::name_unknown(format!("no such endpoint: {}", truncate(path))))?;
     let method = req.method();
-    let read = method == Method::GET || method == Method::HEAD;
-    if !read {
+    if method != Method::GET && method != Method::HEAD {
+        // Every write (uploads, manifest PUTs, deletes), on any /v2 path.
         return Err(ApiError::unsupported(format!(
             "{method} is not supported: pullcache is a read-only pull-through cache"
         )));
     }
+    let endpoint = parse_endpoint(rest)
+        .ok_or_else(|| ApiError::name_unknown(format!("no such endpoint: {}", truncate(path))))?;
     let head = method == Method::HEAD;
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let name = match &endpoint {

@@ -1,0 +1,118 @@
+//! Upstream token auth and redirects; routing by ns=, prefix and default; upstreams'
+//! repositories never mix.
+
+use std::sync::atomic::Ordering;
+
+use actix_web::http::StatusCode;
+
+use crate::blobs::wait_for;
+use crate::common::*;
+
+/// A token-protected upstream that redirects blobs to another origin: pullcache fetches a
+/// token once per repository, and never sends Authorization to the redirect target.
+#[actix_rt::test]
+async fn token_auth_and_cross_origin_redirects() {
+    let up = FakeUpstream::start();
+    up.knobs.require_token.store(true, Ordering::SeqCst);
+    up.knobs.redirect_blobs.store(true, Ordering::SeqCst);
+    let (md, layers) = up.add_image("library/secure", "1", &[data(40, 200_000), data(41, 1000)]);
+    let pc = Pullcache::start(&up.url());
+    let (st, h, _) = get(&pc.url("/v2/library/secure/manifests/1"), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(header(&h, "docker-content-digest"), Some(md.as_str()));
+    for l in &layers {
+        let (st, _, body) = get(&pc.url(&format!("/v2/library/secure/blobs/{l}")), &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(&sha256(&body.unwrap()), l);
+    }
+    assert_eq!(Counts::get(&up.counts.cdn_get), 2);
+    assert_eq!(
+        Counts::get(&up.counts.cdn_with_authorization),
+        0,
+        "Authorization leaked to the redirect target"
+    );
+    assert_eq!(
+        Counts::get(&up.counts.token),
+        1,
+        "one token for the repository, then cached"
+    );
+    // Only the first request met a challenge; later ones carried the cached token.
+    assert_eq!(Counts::get(&up.counts.unauthorized), 1);
+}
+
+/// Docker Hub answers anonymous requests for missing or private repositories with 401; the
+/// cache answers 404 NAME_UNKNOWN and never relays a challenge.
+#[actix_rt::test]
+async fn upstream_401_becomes_404_never_a_challenge() {
+    let up = FakeUpstream::start();
+    // The fake demands a token the pullcache token flow will get; simulate a refused repo
+    // by a repository the fake does not have under a token-protected upstream.
+    up.knobs.require_token.store(true, Ordering::SeqCst);
+    let pc = Pullcache::start(&up.url());
+    let (st, h, body) = get(&pc.url("/v2/library/ghost/manifests/latest"), &[]).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert!(header(&h, "www-authenticate").is_none());
+    assert_eq!(error_code(&body), "MANIFEST_UNKNOWN");
+}
+
+/// ns= picks the upstream named so; a prefix routes too; the same repository name on two
+/// upstreams is two different repositories in the cache.
+#[actix_rt::test]
+async fn routing_by_ns_prefix_and_default_keeps_upstreams_apart() {
+    let hub = FakeUpstream::start();
+    let ghcr = FakeUpstream::start();
+    let (hub_md, _) = hub.add_image("org/app", "1", &[data(50, 100)]);
+    let (ghcr_md, _) = ghcr.add_image("org/app", "1", &[data(51, 100)]);
+    assert_ne!(hub_md, ghcr_md);
+    let pc = Pullcache::start_with(vec![
+        upstream("docker.io", &hub.url(), true, Some("docker")),
+        upstream("ghcr.io", &ghcr.url(), false, Some("ghcr")),
+    ]);
+    let digest =
+        |h: &awc::http::header::HeaderMap| header(h, "docker-content-digest").unwrap().to_string();
+    let (_, h, _) = get(&pc.url("/v2/org/app/manifests/1"), &[]).await;
+    assert_eq!(digest(&h), hub_md);
+    let (_, h, _) = get(&pc.url("/v2/org/app/manifests/1?ns=ghcr.io"), &[]).await;
+    assert_eq!(digest(&h), ghcr_md);
+    let (_, h, _) = get(&pc.url("/v2/ghcr/org/app/manifests/1"), &[]).await;
+    assert_eq!(digest(&h), ghcr_md);
+    let (_, h, _) = get(&pc.url("/v2/org/app/manifests/1?ns=docker.io"), &[]).await;
+    assert_eq!(digest(&h), hub_md);
+    let (_, h, _) = get(&pc.url("/v2/docker/org/app/manifests/1"), &[]).await;
+    assert_eq!(digest(&h), hub_md);
+    // Each upstream served its manifest once.
+    assert_eq!(Counts::get(&hub.counts.manifest_get), 1);
+    assert_eq!(Counts::get(&ghcr.counts.manifest_get), 1);
+    // An ns= that is not configured is refused (no open proxy).
+    let (st, _, body) = get(&pc.url("/v2/org/app/manifests/1?ns=evil.example"), &[]).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body), "NAME_UNKNOWN");
+}
+
+/// A blob cached through one upstream is served through another only after that upstream
+/// confirms it has it.
+#[actix_rt::test]
+async fn a_blob_cached_for_one_upstream_needs_the_others_confirmation() {
+    let hub = FakeUpstream::start();
+    let other = FakeUpstream::start();
+    let shared = data(60, 10_000);
+    let d = hub.add_blob(&shared);
+    let pc = Pullcache::start_with(vec![
+        upstream("docker.io", &hub.url(), true, None),
+        upstream("private.example", &other.url(), false, Some("priv")),
+    ]);
+    let (st, _, _) = get(&pc.url(&format!("/v2/library/a/blobs/{d}")), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for(|| pc.blob_path(&d).exists()).await;
+    // The other upstream does not have it: 404, although the bytes are on disk.
+    let (st, _, body) = get(&pc.url(&format!("/v2/priv/a/blobs/{d}")), &[]).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&body), "BLOB_UNKNOWN");
+    // Once it has it, the cached bytes are served without a download.
+    other.add_blob(&shared);
+    let (st, _, body) = get(&pc.url(&format!("/v2/priv/a/blobs/{d}")), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256(&body.unwrap()), d);
+    assert_eq!(Counts::get(&other.counts.blob_get), 0);
+    assert_eq!(Counts::get(&other.counts.blob_head), 2);
+}
