@@ -126,7 +126,8 @@ impl TokenResponse {
 
     /// Lifetime, 60 s when absent (the spec's default).
     pub fn lifetime(&self) -> Duration {
-        Duration::from_secs(self.expires_in.unwrap_or(60).max(1))
+        // Capped: a hostile or broken token server must not overflow our clock arithmetic.
+        Duration::from_secs(self.expires_in.unwrap_or(60).clamp(1, 86_400))
     }
 }
 
@@ -237,6 +238,9 @@ mod tests {
         assert_eq!(t.lifetime(), Duration::from_secs(300));
         let t: TokenResponse = serde_json::from_str(r#"{"token":"a"}"#).unwrap();
         assert_eq!(t.lifetime(), Duration::from_secs(60));
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"token":"a","expires_in":18446744073709551615}"#).unwrap();
+        assert_eq!(t.lifetime(), Duration::from_secs(86_400));
         let mut c = TokenCache::default();
         let now = Instant::now();
         c.insert("s", "tok".into(), Duration::from_secs(60), now);

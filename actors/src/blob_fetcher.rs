@@ -97,6 +97,8 @@ pub enum BlobSource {
         state: watch::Receiver<FillState>,
         total: Option<u64>,
         wait: Duration,
+        /// The repository whose request started the download.
+        started_for: String,
     },
 }
 
@@ -105,6 +107,37 @@ impl BlobSource {
         match self {
             BlobSource::Cached { size, .. } => Some(*size),
             BlobSource::Filling { total, .. } => *total,
+        }
+    }
+
+    /// Waits until a download has been verified and returns the blob's size (for a `Range`
+    /// on a blob whose upstream sent no length: the range can be placed only then).
+    pub async fn complete_size(&mut self) -> Result<u64, EngineError> {
+        let BlobSource::Filling { state, wait, .. } = self else {
+            return Ok(self.size().unwrap_or(0));
+        };
+        loop {
+            match &*state.borrow_and_update() {
+                FillState::Verified { size, .. } => return Ok(*size),
+                FillState::Failed(e) => return Err(e.clone()),
+                FillState::Abandoned => return Err(EngineError::Abandoned),
+                _ => {}
+            }
+            match tokio::time::timeout(*wait, state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    if let FillState::Verified { size, .. } = &*state.borrow() {
+                        return Ok(*size);
+                    }
+                    return Err(EngineError::Abandoned);
+                }
+                Err(_) => {
+                    return Err(EngineError::Upstream(UpstreamError::Timeout {
+                        upstream: "-".into(),
+                        stage: "waiting for a blob download to finish",
+                    }))
+                }
+            }
         }
     }
 
@@ -252,6 +285,8 @@ type FillKey = (usize, Digest);
 struct InFlight {
     id: u64,
     state: watch::Receiver<FillState>,
+    /// The repository the download was started for (its upstream request's path).
+    repo: String,
 }
 
 pub struct BlobFetcher {
@@ -300,15 +335,30 @@ impl BlobFetcher {
         BlobsHandle { addr }
     }
 
+    /// The fill for `key` if it can still deliver. A failed or abandoned fill whose writer
+    /// has not yet reported back is dropped here, so a new request starts afresh instead of
+    /// inheriting the failure.
+    fn live_fill(&mut self, key: &FillKey) -> Option<(watch::Receiver<FillState>, String)> {
+        let f = self.inflight.get(key)?;
+        if matches!(
+            &*f.state.borrow(),
+            FillState::Failed(_) | FillState::Abandoned
+        ) {
+            self.inflight.remove(key);
+            return None;
+        }
+        Some((f.state.clone(), f.repo.clone()))
+    }
+
     /// Joins the fill for `key`, starting it if there is none.
     fn start_or_join(
         &mut self,
         ctx: &mut Context<Self>,
         key: FillKey,
         repo: String,
-    ) -> Result<watch::Receiver<FillState>, EngineError> {
-        if let Some(f) = self.inflight.get(&key) {
-            return Ok(f.state.clone());
+    ) -> Result<(watch::Receiver<FillState>, String), EngineError> {
+        if let Some(live) = self.live_fill(&key) {
+            return Ok(live);
         }
         let (state_tx, state_rx) = watch::channel(FillState::Connecting);
         let (events_tx, events_rx) = mpsc::channel(FILL_CHANNEL);
@@ -335,9 +385,10 @@ impl BlobFetcher {
             InFlight {
                 id,
                 state: state_rx.clone(),
+                repo: repo.clone(),
             },
         );
-        Ok(state_rx)
+        Ok((state_rx, repo))
     }
 }
 
@@ -385,9 +436,8 @@ impl Handler<OpenBlob> for BlobFetcher {
     fn handle(&mut self, m: OpenBlob, _: &mut Self::Context) -> Self::Result {
         let key = (m.upstream, m.digest.clone());
         let wait = self.wait;
-        if let Some(f) = self.inflight.get(&key) {
-            let state = f.state.clone();
-            return Box::pin(fut::ready(Ok(filling(state, wait))));
+        if let Some((state, started_for)) = self.live_fill(&key) {
+            return Box::pin(fut::ready(Ok(filling(state, wait, started_for))));
         }
         let lookup = lookup_cached(
             self.meta.clone(),
@@ -400,23 +450,24 @@ impl Handler<OpenBlob> for BlobFetcher {
             self.clock.now_ms(),
         );
         let repo = m.repo;
-        Box::pin(
-            lookup
-                .into_actor(self)
-                .map(move |res, act, ctx| match res? {
-                    Lookup::Cached(file, size) => Ok(BlobSource::Cached { file, size }),
-                    // State may have changed while we looked: start_or_join re-checks the table.
-                    Lookup::Missing => act.start_or_join(ctx, key, repo).map(|s| filling(s, wait)),
-                }),
-        )
+        Box::pin(lookup.into_actor(self).map(move |res, act, ctx| {
+            match res? {
+                Lookup::Cached(file, size) => Ok(BlobSource::Cached { file, size }),
+                // State may have changed while we looked: start_or_join re-checks the table.
+                Lookup::Missing => act
+                    .start_or_join(ctx, key, repo)
+                    .map(|(s, started_for)| filling(s, wait, started_for)),
+            }
+        }))
     }
 }
 
-fn filling(state: watch::Receiver<FillState>, wait: Duration) -> BlobSource {
+fn filling(state: watch::Receiver<FillState>, wait: Duration, started_for: String) -> BlobSource {
     BlobSource::Filling {
         state,
         total: None,
         wait,
+        started_for,
     }
 }
 
@@ -441,14 +492,24 @@ async fn lookup_cached(
         return Ok(Lookup::Missing);
     }
     let d = digest.clone();
+    let store_for_removal = store.clone();
     let opened = tokio::task::spawn_blocking(move || store.open_blob(&d))
         .await
         .map_err(|e| EngineError::Storage(e.to_string()))?
         .map_err(|e| EngineError::Storage(format!("opening blob {digest}: {e}")))?;
-    let Some((file, size)) = opened else {
-        tracing::warn!(digest = %digest, "blob recorded but missing from the store; fetching again");
-        meta.send(ForgetBlob { digest }).await??;
-        return Ok(Lookup::Missing);
+    let recorded = l.record.as_ref().map(|r| r.size);
+    let (file, size) = match opened {
+        Some((f, size)) if Some(size) == recorded => (f, size),
+        other => {
+            // Missing, or its length disagrees with the record (damaged): never serve it.
+            tracing::warn!(digest = %digest, on_disk = ?other.as_ref().map(|o| o.1), recorded = ?recorded, "stored blob missing or damaged; fetching again");
+            if other.is_some() {
+                let (s, d) = (store_for_removal, digest.clone());
+                let _ = tokio::task::spawn_blocking(move || s.remove_blob(&d)).await;
+            }
+            meta.send(ForgetBlob { digest }).await??;
+            return Ok(Lookup::Missing);
+        }
     };
     if !l.linked {
         // Stored for another upstream: serve it here only if this upstream has it too, so
@@ -730,7 +791,10 @@ impl BlobsHandle {
                 })
                 .await??;
             let BlobSource::Filling {
-                mut state, wait, ..
+                mut state,
+                wait,
+                started_for,
+                ..
             } = src
             else {
                 return Ok(src);
@@ -762,8 +826,22 @@ impl BlobsHandle {
                 }
             };
             match ready {
-                Ok(total) => return Ok(BlobSource::Filling { state, total, wait }),
+                Ok(total) => {
+                    return Ok(BlobSource::Filling {
+                        state,
+                        total,
+                        wait,
+                        started_for,
+                    })
+                }
                 Err(EngineError::Abandoned) if attempt == 0 => continue,
+                // We joined a download started for another repository, and the upstream
+                // refused it there: ask again for ours.
+                Err(
+                    EngineError::BlobUnknown(_)
+                    | EngineError::NameUnknown(_)
+                    | EngineError::Denied(_),
+                ) if attempt == 0 && started_for != repo => continue,
                 Err(e) => return Err(e),
             }
         }

@@ -290,7 +290,15 @@ impl Ctx {
         let algorithm = expected
             .or(um.digest.as_ref())
             .map_or(Algorithm::Sha256, |d| d.algorithm());
-        let actual = Digest::of_bytes(algorithm, &bytes);
+        // Hashing and parsing up to 4 MiB: off the actor's thread.
+        let (actual, links) = {
+            let (b, mt) = (bytes.clone(), media_type.clone());
+            tokio::task::spawn_blocking(move || {
+                (Digest::of_bytes(algorithm, &b), referenced_blobs(&mt, &b))
+            })
+            .await
+            .map_err(|e| EngineError::Storage(e.to_string()))?
+        };
         if let Some(want) = expected.or(um.digest.as_ref()) {
             if *want != actual {
                 tracing::error!(%what, expected = %want, actual = %actual, "upstream manifest does not match its digest");
@@ -321,7 +329,7 @@ impl Ctx {
                         },
                     )
                 }),
-                links: referenced_blobs(&media_type, &bytes),
+                links,
             })
             .await??;
         Ok(ManifestAnswer {

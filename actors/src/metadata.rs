@@ -295,8 +295,16 @@ impl MetadataStore {
                     report.files_removed += 1;
                 }
                 (None, _) => {
-                    self.blobs.remove(&k)?;
-                    report.records_without_file += 1;
+                    // Re-check: a download may have committed since the scan passed by.
+                    let exists = Digest::parse(&name)
+                        .map(|d| store.blob_path(&d).exists())
+                        .unwrap_or(false);
+                    if exists {
+                        report.blobs += 1;
+                    } else {
+                        self.blobs.remove(&k)?;
+                        report.records_without_file += 1;
+                    }
                 }
             }
         }

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::{Digest, Hasher};
 
+/// What [`BlobStore::scan`] found: blob files `(digest, size)`, and stray paths.
+pub type Scan = (Vec<(Digest, u64)>, Vec<PathBuf>);
+
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     blobs: PathBuf,
@@ -95,7 +98,7 @@ impl BlobStore {
 
     /// Every file in the store that is named like a blob: `(digest, size)`. Files with
     /// other names are reported in the second list so the caller can remove them.
-    pub fn scan(&self) -> io::Result<(Vec<(Digest, u64)>, Vec<PathBuf>)> {
+    pub fn scan(&self) -> io::Result<Scan> {
         let mut found = Vec::new();
         let mut strays = Vec::new();
         for alg in fs::read_dir(&self.blobs)? {

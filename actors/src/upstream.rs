@@ -484,10 +484,26 @@ impl Conn {
         let scope = req.scope.clone().unwrap_or_default();
         let mut authz = self.known_authorization(&scope).await?;
         let mut answered_challenge = false;
+        let mut retried_redirect = false;
         loop {
-            let resp = self.send_following(&req, authz.as_deref()).await?;
+            let (resp, foreign) = self.send_following(&req, authz.as_deref()).await?;
+            // A redirect target's 403 is usually an expired signed URL: ask the registry
+            // for a fresh redirect, once.
+            if foreign && resp.status() == StatusCode::FORBIDDEN && !retried_redirect {
+                retried_redirect = true;
+                continue;
+            }
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
+            }
+            // Only the registry's own challenges concern its credentials.
+            if foreign {
+                return Err(UpstreamError::Status {
+                    upstream: self.name(),
+                    status: 401,
+                    message: Some("redirect target refused the request".into()),
+                    retry_after: None,
+                });
             }
             let challenge = auth::parse_challenges(
                 resp.headers()
@@ -544,6 +560,9 @@ impl Conn {
         let mut url =
             Url::parse(realm).map_err(|_| self.protocol("token realm is not a URL".into()))?;
         let realm_host = url.host_str().unwrap_or("").to_string();
+        if self.base.scheme() == "https" && url.scheme() != "https" {
+            return Err(self.protocol("token realm is not https for an https registry; refusing to send credentials in clear text".into()));
+        }
         if !auth::realm_allowed(self.base.host_str().unwrap_or(""), &realm_host) {
             return Err(self.protocol(format!("token realm host {realm_host:?} is not the registry's domain; refusing to send credentials there")));
         }
@@ -610,17 +629,16 @@ impl Conn {
         &self,
         req: &Req<'_>,
         authz: Option<&str>,
-    ) -> Result<ClientResponse, UpstreamError> {
+    ) -> Result<(ClientResponse, bool), UpstreamError> {
         let mut url = Url::parse(&req.url).map_err(|e| self.protocol(format!("bad URL: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
-            let resp = self
-                .send_once(req, &url, authz.filter(|_| self.same_origin(&url)))
-                .await?;
+            let own = self.same_origin(&url);
+            let resp = self.send_once(req, &url, authz.filter(|_| own)).await?;
             let redirect = req.follow_redirects
                 && matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308)
                 && (req.method == Method::GET || req.method == Method::HEAD);
             if !redirect {
-                return Ok(resp);
+                return Ok((resp, !own));
             }
             let loc = resp
                 .headers()

@@ -39,12 +39,18 @@ pub async fn serve(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(ByteRange::parse);
-    let src = state
+    let mut src = state
         .engine
         .blobs
         .open(routed.upstream, &routed.repo, &digest)
         .await?;
-    match (range, src.size()) {
+    let size = match (range, src.size()) {
+        // The upstream sent no length: a range can only be placed once the download is
+        // complete (dockerd and containerd need a 206 for a resume, never a 200).
+        (Some(_), None) => Some(src.complete_size().await?),
+        (_, size) => size,
+    };
+    match (range, size) {
         (Some(range), Some(size)) => match range.resolve(size) {
             Some((start, end)) => {
                 r.status(StatusCode::PARTIAL_CONTENT).insert_header((
@@ -63,7 +69,7 @@ pub async fn serve(
             }
         },
         (_, Some(size)) => Ok(r.body(SizedStream::new(size, Box::pin(src.stream(0, None))))),
-        // Upstream sent no length: stream chunked, whole (a Range cannot be placed yet).
+        // Upstream sent no length: stream chunked.
         (_, None) => Ok(r.body(BodyStream::new(Box::pin(src.stream(0, None))))),
     }
 }

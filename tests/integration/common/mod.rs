@@ -89,6 +89,8 @@ pub struct Knobs {
     pub fail_status: AtomicU64,
     /// Do not send Docker-Content-Digest on manifest HEADs.
     pub head_without_digest: AtomicBool,
+    /// Send blob bodies chunked, without Content-Length.
+    pub chunked_blobs: AtomicBool,
 }
 
 pub struct FakeUpstream {
@@ -124,6 +126,7 @@ impl FakeUpstream {
                 use_gate: AtomicBool::new(false),
                 fail_status: AtomicU64::new(0),
                 head_without_digest: AtomicBool::new(false),
+                chunked_blobs: AtomicBool::new(false),
             }),
             cdn: Arc::new(Mutex::new(None)),
         };
@@ -406,9 +409,13 @@ fn blob_body(s: &Shared, digest: &str, bytes: Bytes) -> HttpResponse {
         .load(Ordering::SeqCst)
         .then(|| s.knobs.gate.subscribe());
     let stream = async_stream_like(first, second, gate);
-    HttpResponse::Ok()
-        .content_type("application/octet-stream")
-        .body(actix_web::body::SizedStream::new(len, stream))
+    let mut r = HttpResponse::Ok();
+    r.content_type("application/octet-stream");
+    if s.knobs.chunked_blobs.load(Ordering::SeqCst) {
+        r.body(actix_web::body::BodyStream::new(stream))
+    } else {
+        r.body(actix_web::body::SizedStream::new(len, stream))
+    }
 }
 
 fn async_stream_like(
@@ -566,7 +573,6 @@ pub async fn send(
         .body()
         .limit(256 * 1024 * 1024)
         .await
-        .map(|b| b)
         .map_err(|e| e.to_string());
     (status, h, body)
 }
