@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use pullcache_actors::settings::humantime_serde_compat;
 use pullcache_actors::upstream::parse_base_url;
-use pullcache_actors::{CacheSettings, EngineSettings, StorageSettings, UpstreamSettings};
+use pullcache_actors::{
+    CacheSettings, EngineSettings, HealthSettings, StorageSettings, UpstreamSettings,
+};
 use serde::{Deserialize, Serialize};
 
 /// The embedded default configuration (a Docker Hub mirror on 127.0.0.1:5000, data in ./data).
@@ -26,6 +28,7 @@ pub struct Config {
     pub server: ServerSettings,
     pub storage: StorageSettings,
     pub cache: CacheSettings,
+    pub health: HealthSettings,
     pub log: LogSettings,
     /// The registries mirrored. Default: Docker Hub, as the default upstream.
     pub upstreams: Vec<UpstreamSettings>,
@@ -37,6 +40,7 @@ impl Default for Config {
             server: ServerSettings::default(),
             storage: StorageSettings::default(),
             cache: CacheSettings::default(),
+            health: HealthSettings::default(),
             log: LogSettings::default(),
             upstreams: vec![UpstreamSettings::docker_hub()],
         }
@@ -162,6 +166,35 @@ impl Config {
         if self.cache.tag_ttl.is_zero() {
             // Zero would revalidate every request; allowed but worth saying? Keep it allowed.
         }
+        let s = &self.storage;
+        if !(0.0 < s.low_watermark && s.low_watermark < s.high_watermark && s.high_watermark <= 1.0)
+        {
+            return err(format!(
+                "storage.low_watermark ({}) and storage.high_watermark ({}) must satisfy 0 < low < high <= 1",
+                s.low_watermark, s.high_watermark
+            ));
+        }
+        if s.max_size == Some(0) {
+            return err("storage.max_size: must be greater than zero".into());
+        }
+        for (i, p) in s.pin.iter().enumerate() {
+            if let Err(e) = pullcache_actors::eviction::PinPattern::parse(p) {
+                return err(format!("storage.pin[{i}]: {e}"));
+            }
+        }
+        for (i, r) in self.cache.immutable_tags.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(r) {
+                return err(format!(
+                    "cache.immutable_tags[{i}]: invalid regex {r:?}: {e}"
+                ));
+            }
+        }
+        if self.health.threshold == 0
+            || self.health.interval.is_zero()
+            || self.health.timeout.is_zero()
+        {
+            return err("health: interval, timeout and threshold must be greater than zero".into());
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return err(format!(
                 "log.format: {:?} must be \"text\" or \"json\"",
@@ -242,6 +275,7 @@ impl Config {
         EngineSettings {
             storage: self.storage.clone(),
             cache: self.cache.clone(),
+            health: self.health.clone(),
             upstreams: self.upstreams.clone(),
         }
     }

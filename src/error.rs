@@ -145,6 +145,14 @@ impl From<EngineError> for ApiError {
                     "internal storage error",
                 )
             }
+            EngineError::UpstreamDown(_) | EngineError::StaleTooOld { .. } => ApiError {
+                retry_after: Some(30),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, msg)
+            },
+            EngineError::DiskFull(_) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, msg)
+            },
             EngineError::Unavailable(_) | EngineError::Abandoned => {
                 tracing::error!(error = %msg, "engine unavailable");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, msg)

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::Clock;
 use crate::digest::{Digest, Hasher};
 use crate::error::{EngineError, UpstreamError};
+use crate::eviction::EvictionHandle;
+use crate::health::HealthHandle;
 use crate::messages::FillEvent;
 use crate::metadata::{ForgetBlob, LinkBlobs, LookupBlob, Metadata, MetadataStore, TouchBlob};
 use crate::store::{self, BlobStore};
@@ -100,13 +103,21 @@ pub enum BlobSource {
         /// The repository whose request started the download.
         started_for: String,
     },
+    /// Streamed straight from the upstream without storing (the disk is full). Hashed on
+    /// the way; the last chunk is released only once the digest is verified.
+    Direct {
+        events: mpsc::Receiver<FillEvent>,
+        total: Option<u64>,
+        digest: Digest,
+        wait: Duration,
+    },
 }
 
 impl BlobSource {
     pub fn size(&self) -> Option<u64> {
         match self {
             BlobSource::Cached { size, .. } => Some(*size),
-            BlobSource::Filling { total, .. } => *total,
+            BlobSource::Filling { total, .. } | BlobSource::Direct { total, .. } => *total,
         }
     }
 
@@ -114,7 +125,12 @@ impl BlobSource {
     /// on a blob whose upstream sent no length: the range can be placed only then).
     pub async fn complete_size(&mut self) -> Result<u64, EngineError> {
         let BlobSource::Filling { state, wait, .. } = self else {
-            return Ok(self.size().unwrap_or(0));
+            return self.size().ok_or_else(|| {
+                EngineError::DiskFull(
+                    "a range on a blob of unknown size cannot be served while the disk is full"
+                        .into(),
+                )
+            });
         };
         loop {
             match &*state.borrow_and_update() {
@@ -151,7 +167,30 @@ impl BlobSource {
         self,
         start: u64,
         end: Option<u64>,
-    ) -> impl Stream<Item = Result<Bytes, io::Error>> + 'static {
+    ) -> std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + 'static>> {
+        if let BlobSource::Direct {
+            events,
+            total,
+            digest,
+            wait,
+        } = self
+        {
+            let r = DirectReader {
+                events,
+                hasher: Some(Hasher::new(digest.algorithm())),
+                digest,
+                total,
+                wait,
+                held: None,
+                released: 0,
+                start,
+                end,
+                done: false,
+            };
+            return Box::pin(futures_util::stream::unfold(r, |mut r| async move {
+                r.next_chunk().await.map(|c| (c, r))
+            }));
+        }
         let reader = BlobReader {
             src: self,
             pos: start,
@@ -159,9 +198,9 @@ impl BlobSource {
             done: false,
             writer_gone: false,
         };
-        futures_util::stream::unfold(reader, |mut r| async move {
+        Box::pin(futures_util::stream::unfold(reader, |mut r| async move {
             r.next_chunk().await.map(|c| (c, r))
-        })
+        }))
     }
 }
 
@@ -192,6 +231,9 @@ impl BlobReader {
                 avail: *size,
                 complete: true,
             },
+            BlobSource::Direct { .. } => {
+                View::Fail(io::Error::other("direct streams are read by DirectReader"))
+            }
             BlobSource::Filling { state, .. } => {
                 let s = state.borrow_and_update();
                 match &*s {
@@ -277,6 +319,84 @@ impl BlobReader {
     }
 }
 
+/// Reads a [`BlobSource::Direct`] stream: hashes every byte, releases each chunk only when
+/// the next one has arrived, and the last one only after the digest matched.
+struct DirectReader {
+    events: mpsc::Receiver<FillEvent>,
+    hasher: Option<Hasher>,
+    digest: Digest,
+    total: Option<u64>,
+    wait: Duration,
+    /// The newest chunk, not yet given to the client.
+    held: Option<Bytes>,
+    /// Bytes before `held`.
+    released: u64,
+    start: u64,
+    end: Option<u64>,
+    done: bool,
+}
+
+impl DirectReader {
+    /// The part of `chunk` (which starts at `self.released`) inside the requested range.
+    fn clip(&mut self, chunk: Bytes) -> Option<Bytes> {
+        let lo = self.released;
+        let hi = lo + chunk.len() as u64;
+        self.released = hi;
+        let from = self.start.max(lo);
+        let to = self.end.map_or(hi, |e| e.min(hi));
+        (from < to).then(|| chunk.slice((from - lo) as usize..(to - lo) as usize))
+    }
+
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
+        loop {
+            if self.done || self.end.is_some_and(|e| self.released >= e) {
+                return None;
+            }
+            let ev = match tokio::time::timeout(self.wait, self.events.recv()).await {
+                Err(_) => {
+                    return self.fail(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no progress from upstream",
+                    ))
+                }
+                Ok(None) => return self.fail(io::Error::other("upstream stream ended early")),
+                Ok(Some(ev)) => ev,
+            };
+            match ev {
+                FillEvent::Chunk(b) => {
+                    if let Some(h) = self.hasher.as_mut() {
+                        h.update(&b);
+                    }
+                    if let Some(prev) = self.held.replace(b) {
+                        if let Some(out) = self.clip(prev) {
+                            return Some(Ok(out));
+                        }
+                    }
+                }
+                FillEvent::End => {
+                    let size = self.released + self.held.as_ref().map_or(0, |b| b.len() as u64);
+                    let actual = self.hasher.take().map(|h| h.finish());
+                    if actual.as_ref() != Some(&self.digest)
+                        || self.total.is_some_and(|t| t != size)
+                    {
+                        tracing::error!(expected = %self.digest, actual = ?actual, "upstream blob does not match its digest; connection aborted");
+                        return self.fail(io::Error::other("blob does not match its digest"));
+                    }
+                    self.done = true;
+                    return self.held.take().and_then(|b| self.clip(b)).map(Ok);
+                }
+                FillEvent::Failed(e) => return self.fail(io::Error::other(e.to_string())),
+                FillEvent::Headers { .. } => {}
+            }
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Option<Result<Bytes, io::Error>> {
+        self.done = true;
+        Some(Err(e))
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The actor.
 
@@ -292,16 +412,68 @@ struct InFlight {
 pub struct BlobFetcher {
     inflight: HashMap<FillKey, InFlight>,
     next_id: u64,
-    meta: Addr<Metadata>,
-    meta_store: MetadataStore,
-    upstreams: UpstreamHandle,
-    /// Upstream names by index (the metadata keys).
-    names: Arc<Vec<String>>,
-    store: BlobStore,
-    clock: Clock,
-    /// How long a reader waits for progress before giving up.
-    wait: Duration,
+    d: FetcherDeps,
     outcomes: HashMap<&'static str, u64>,
+}
+
+/// What the blob fetcher works with.
+#[derive(Clone)]
+pub struct FetcherDeps {
+    pub meta: Addr<Metadata>,
+    /// For the fill writers' threads, which record blobs directly (sled is thread-safe).
+    pub meta_store: MetadataStore,
+    pub upstreams: UpstreamHandle,
+    pub health: HealthHandle,
+    pub eviction: EvictionHandle,
+    /// Upstream names by index (the metadata keys).
+    pub names: Arc<Vec<String>>,
+    pub store: BlobStore,
+    pub clock: Clock,
+    /// How long a reader waits for progress before giving up.
+    pub wait: Duration,
+    pub disk: Arc<DiskState>,
+}
+
+/// Whether the disk recently refused a write. While it is full, misses are streamed from
+/// the upstream to the client without storing; caching is tried again after
+/// [`DiskState::RETRY_MS`].
+#[derive(Debug, Default)]
+pub struct DiskState {
+    full_since_ms: AtomicU64,
+    last_logged_ms: AtomicU64,
+    /// Test hook: every write fails as if the disk were full.
+    inject_full: AtomicBool,
+}
+
+impl DiskState {
+    pub const RETRY_MS: u64 = 30_000;
+
+    pub fn is_full(&self, now_ms: u64) -> bool {
+        let since = self.full_since_ms.load(Ordering::SeqCst);
+        since != 0 && now_ms < since + Self::RETRY_MS
+    }
+
+    /// Records a full disk and logs it, at most once a minute.
+    pub fn mark_full(&self, now_ms: u64, detail: &str) {
+        self.full_since_ms.store(now_ms.max(1), Ordering::SeqCst);
+        let last = self.last_logged_ms.load(Ordering::SeqCst);
+        if last == 0 || now_ms >= last + 60_000 {
+            self.last_logged_ms.store(now_ms.max(1), Ordering::SeqCst);
+            tracing::error!(detail, "disk full: blobs are streamed from the upstream without being stored until space is back");
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn inject_full(&self, on: bool) {
+        self.inject_full.store(on, Ordering::SeqCst);
+        if !on {
+            self.full_since_ms.store(0, Ordering::SeqCst);
+        }
+    }
+
+    fn injected(&self) -> bool {
+        self.inject_full.load(Ordering::SeqCst)
+    }
 }
 
 impl Actor for BlobFetcher {
@@ -309,30 +481,16 @@ impl Actor for BlobFetcher {
 }
 
 impl BlobFetcher {
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        meta: Addr<Metadata>,
-        meta_store: MetadataStore,
-        upstreams: UpstreamHandle,
-        names: Arc<Vec<String>>,
-        store: BlobStore,
-        clock: Clock,
-        wait: Duration,
-    ) -> BlobsHandle {
+    pub fn start(deps: FetcherDeps) -> BlobsHandle {
+        let disk = deps.disk.clone();
         let addr = BlobFetcher {
             inflight: HashMap::new(),
             next_id: 0,
-            meta,
-            meta_store,
-            upstreams,
-            names,
-            store,
-            clock,
-            wait,
+            d: deps,
             outcomes: HashMap::new(),
         }
         .start();
-        BlobsHandle { addr }
+        BlobsHandle { addr, disk }
     }
 
     /// The fill for `key` if it can still deliver. A failed or abandoned fill whose writer
@@ -367,19 +525,22 @@ impl BlobFetcher {
         let writer = FillWriter {
             key: key.clone(),
             id,
-            upstream_name: self.names[key.0].clone(),
-            store: self.store.clone(),
-            meta: self.meta_store.clone(),
-            clock: self.clock.clone(),
+            upstream_name: self.d.names[key.0].clone(),
+            store: self.d.store.clone(),
+            meta: self.d.meta_store.clone(),
+            clock: self.d.clock.clone(),
             fetcher: ctx.address(),
+            disk: self.d.disk.clone(),
+            eviction: self.d.eviction.clone(),
         };
         std::thread::Builder::new()
             .name(format!("fill-{}", &key.1.hex()[..12]))
             .spawn(move || writer.run(events_rx, state_tx))
             .map_err(|e| EngineError::Storage(format!("cannot start a download thread: {e}")))?;
-        self.upstreams
+        self.d
+            .upstreams
             .start_download(key.0, &repo, &key.1, events_tx);
-        tracing::info!(upstream = %self.names[key.0], repo = %repo, digest = %key.1, "blob fill started");
+        tracing::info!(upstream = %self.d.names[key.0], repo = %repo, digest = %key.1, "blob fill started");
         self.inflight.insert(
             key,
             InFlight {
@@ -435,28 +596,45 @@ impl Handler<OpenBlob> for BlobFetcher {
 
     fn handle(&mut self, m: OpenBlob, _: &mut Self::Context) -> Self::Result {
         let key = (m.upstream, m.digest.clone());
-        let wait = self.wait;
+        let wait = self.d.wait;
         if let Some((state, started_for)) = self.live_fill(&key) {
             return Box::pin(fut::ready(Ok(filling(state, wait, started_for))));
         }
         let lookup = lookup_cached(
-            self.meta.clone(),
-            self.upstreams.clone(),
-            self.store.clone(),
-            self.names[m.upstream].clone(),
+            self.d.meta.clone(),
+            self.d.upstreams.clone(),
+            self.d.store.clone(),
+            self.d.names[m.upstream].clone(),
             m.upstream,
             m.repo.clone(),
             m.digest.clone(),
-            self.clock.now_ms(),
+            self.d.clock.now_ms(),
         );
         let repo = m.repo;
         Box::pin(lookup.into_actor(self).map(move |res, act, ctx| {
             match res? {
                 Lookup::Cached(file, size) => Ok(BlobSource::Cached { file, size }),
-                // State may have changed while we looked: start_or_join re-checks the table.
-                Lookup::Missing => act
-                    .start_or_join(ctx, key, repo)
-                    .map(|(s, started_for)| filling(s, wait, started_for)),
+                Lookup::Missing => {
+                    // State may have changed while we looked.
+                    if let Some((s, started_for)) = act.live_fill(&key) {
+                        return Ok(filling(s, wait, started_for));
+                    }
+                    if act.d.health.is_down(key.0) {
+                        return Err(EngineError::UpstreamDown(act.d.names[key.0].clone()));
+                    }
+                    if act.d.disk.is_full(act.d.clock.now_ms()) {
+                        let (tx, rx) = mpsc::channel(FILL_CHANNEL);
+                        act.d.upstreams.start_download(key.0, &repo, &key.1, tx);
+                        return Ok(BlobSource::Direct {
+                            events: rx,
+                            total: None,
+                            digest: key.1,
+                            wait,
+                        });
+                    }
+                    act.start_or_join(ctx, key, repo)
+                        .map(|(s, started_for)| filling(s, wait, started_for))
+                }
             }
         }))
     }
@@ -541,9 +719,10 @@ impl Handler<StatBlob> for BlobFetcher {
                 return Box::pin(async move { Ok(t) });
             }
         }
-        let meta = self.meta.clone();
-        let upstreams = self.upstreams.clone();
-        let name = self.names[m.upstream].clone();
+        let down = self.d.health.is_down(m.upstream);
+        let meta = self.d.meta.clone();
+        let upstreams = self.d.upstreams.clone();
+        let name = self.d.names[m.upstream].clone();
         Box::pin(async move {
             let l = meta
                 .send(LookupBlob {
@@ -567,6 +746,7 @@ impl Handler<StatBlob> for BlobFetcher {
                     .await??;
                     Ok(rec.size)
                 }
+                None if down => Err(EngineError::UpstreamDown(name)),
                 None => upstreams
                     .head_blob(m.upstream, &m.repo, &m.digest)
                     .await
@@ -610,7 +790,12 @@ struct FillWriter {
     meta: MetadataStore,
     clock: Clock,
     fetcher: Addr<BlobFetcher>,
+    disk: Arc<DiskState>,
+    eviction: EvictionHandle,
 }
+
+/// Bytes kept free beyond a download's size before it is written to disk.
+const FREE_SPACE_MARGIN: u64 = 64 * 1024 * 1024;
 
 /// Publishes `Abandoned`, removes the temporary file and tells the fetcher, unless the
 /// writer finished normally. Runs on every exit path, panics included.
@@ -673,8 +858,18 @@ impl FillWriter {
             Some(_) => return g.fail(EngineError::Storage("fill protocol error".into())),
             None => return, // abandoned (guard)
         };
+        // Free-space check before writing anything: a download that cannot fit is not
+        // started on disk (the clients are served without storing instead).
+        if let Some(t) = total {
+            if let Ok(free) = self.store.free_space() {
+                if free < t.saturating_add(FREE_SPACE_MARGIN) {
+                    return self.disk_full(&mut g, &format!("{free} bytes free, blob is {t}"));
+                }
+            }
+        }
         let (tmp, file) = match self.store.create_temp() {
             Ok(x) => x,
+            Err(e) if store::is_disk_full(&e) => return self.disk_full(&mut g, &e.to_string()),
             Err(e) => {
                 tracing::error!(error = %e, "cannot create a temporary file for a download");
                 return g.fail(EngineError::Storage(format!(
@@ -702,7 +897,15 @@ impl FillWriter {
                         return g.fail(EngineError::Upstream(e));
                     }
                     hasher.update(&b);
-                    if let Err(e) = (&*file).write_all(&b) {
+                    let res = if self.disk.injected() {
+                        Err(io::Error::from(io::ErrorKind::StorageFull))
+                    } else {
+                        (&*file).write_all(&b)
+                    };
+                    if let Err(e) = res {
+                        if store::is_disk_full(&e) {
+                            return self.disk_full(&mut g, &e.to_string());
+                        }
                         tracing::error!(error = %e, digest = %digest, "writing a download to disk failed");
                         return g.fail(EngineError::Storage(format!("writing to disk: {e}")));
                     }
@@ -756,11 +959,24 @@ impl FillWriter {
                     tracing::error!(error = %e, digest = %digest, "could not record a stored blob");
                 }
                 tracing::info!(digest = %digest, size = written, "blob stored");
+                self.eviction.nudge(false);
+            }
+            Err(e) if store::is_disk_full(&e) => {
+                self.disk.mark_full(self.clock.now_ms(), &e.to_string());
+                self.eviction.nudge(true);
             }
             Err(e) => {
                 tracing::error!(error = %e, digest = %digest, "could not store a verified blob; served without caching")
             }
         }
+    }
+
+    /// The disk is full: nothing is kept; clients that have not received bytes yet are
+    /// served straight from the upstream, the sweeper is asked to make room.
+    fn disk_full(&self, g: &mut FillGuard, detail: &str) {
+        self.disk.mark_full(self.clock.now_ms(), detail);
+        self.eviction.nudge(true);
+        g.fail(EngineError::DiskFull(detail.to_string()));
     }
 }
 
@@ -770,6 +986,7 @@ impl FillWriter {
 #[derive(Clone)]
 pub struct BlobsHandle {
     addr: Addr<BlobFetcher>,
+    disk: Arc<DiskState>,
 }
 
 impl BlobsHandle {
@@ -790,6 +1007,33 @@ impl BlobsHandle {
                     digest: digest.clone(),
                 })
                 .await??;
+            let src = match src {
+                BlobSource::Direct {
+                    mut events,
+                    digest,
+                    wait,
+                    ..
+                } => {
+                    // Wait for the upstream's answer before the client's headers go out.
+                    return match tokio::time::timeout(wait, events.recv()).await {
+                        Ok(Some(FillEvent::Headers { total })) => Ok(BlobSource::Direct {
+                            events,
+                            total,
+                            digest,
+                            wait,
+                        }),
+                        Ok(Some(FillEvent::Failed(e))) => {
+                            Err(EngineError::from_upstream(e, &format!("blob {digest}")))
+                        }
+                        Ok(_) => Err(EngineError::Abandoned),
+                        Err(_) => Err(EngineError::Upstream(UpstreamError::Timeout {
+                            upstream: "-".into(),
+                            stage: "waiting for a blob download to start",
+                        })),
+                    };
+                }
+                other => other,
+            };
             let BlobSource::Filling {
                 mut state,
                 wait,
@@ -834,7 +1078,9 @@ impl BlobsHandle {
                         started_for,
                     })
                 }
-                Err(EngineError::Abandoned) if attempt == 0 => continue,
+                // Abandoned, or the disk filled up before any byte reached us: once more
+                // (a full disk now streams without storing).
+                Err(EngineError::Abandoned | EngineError::DiskFull(_)) if attempt == 0 => continue,
                 // We joined a download started for another repository, and the upstream
                 // refused it there: ask again for ours.
                 Err(
@@ -862,6 +1108,16 @@ impl BlobsHandle {
                 digest: digest.clone(),
             })
             .await?
+    }
+
+    /// Test hook: make every disk write fail as if the disk were full (or stop doing so).
+    #[doc(hidden)]
+    pub fn inject_disk_full(&self, on: bool) {
+        self.disk.inject_full(on);
+    }
+
+    pub fn disk_full(&self, now_ms: u64) -> bool {
+        self.disk.is_full(now_ms)
     }
 
     pub async fn fill_stats(&self) -> Result<HashMap<&'static str, u64>, EngineError> {

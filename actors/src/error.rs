@@ -71,6 +71,20 @@ pub enum EngineError {
     Unavailable(String),
     #[error("download abandoned before it finished")]
     Abandoned,
+    /// Health probes say the upstream is down and the answer is not cached.
+    #[error("upstream {0} is down (health probes failing) and this is not cached")]
+    UpstreamDown(String),
+    /// The upstream cannot confirm a tag and the cached answer is older than `max_stale`.
+    #[error("upstream {upstream} is unavailable and the cached answer for {what} is too old (stale for {stale_for}, max_stale {max_stale})")]
+    StaleTooOld {
+        upstream: String,
+        what: String,
+        stale_for: String,
+        max_stale: String,
+    },
+    /// The disk is full: the download could not be stored (it is streamed without storing).
+    #[error("disk full: {0}")]
+    DiskFull(String),
 }
 
 impl EngineError {

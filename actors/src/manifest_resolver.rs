@@ -14,6 +14,7 @@
 //! - Schema-1 and unknown manifest types are refused (404 MANIFEST_UNKNOWN).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,15 +22,19 @@ use actix::prelude::*;
 use bytes::Bytes;
 use futures_util::future::{FutureExt, LocalBoxFuture, Shared};
 
+use regex::Regex;
+
 use crate::clock::Clock;
 use crate::digest::{Algorithm, Digest};
 use crate::error::EngineError;
+use crate::health::HealthHandle;
 use crate::messages::media_types;
 use crate::metadata::{
     DeleteTag, GetManifest, GetTag, ListTags, ManifestRecord, Metadata, PutManifest, PutTag,
-    TagRecord,
+    TagRecord, TouchRepo,
 };
 use crate::reference::Reference;
+use crate::settings::EngineSettings;
 use crate::upstream::{UpstreamHandle, UpstreamManifest};
 
 /// A manifest as served to clients.
@@ -55,9 +60,52 @@ pub struct ManifestResolver {
 struct Ctx {
     meta: Addr<Metadata>,
     upstreams: UpstreamHandle,
-    names: Arc<Vec<String>>,
-    tag_ttl: Duration,
+    health: HealthHandle,
+    policy: Arc<Policy>,
     clock: Clock,
+    stats: Arc<ResolverStats>,
+}
+
+/// Freshness policy, per upstream where the configuration allows it.
+pub struct Policy {
+    pub names: Vec<String>,
+    pub tag_ttl: Vec<Duration>,
+    pub min_quota: Vec<u64>,
+    pub immutable_tags: Vec<Regex>,
+    pub max_stale: Duration,
+}
+
+impl Policy {
+    pub fn new(settings: &EngineSettings) -> Result<Policy, String> {
+        Ok(Policy {
+            names: settings.upstreams.iter().map(|u| u.name.clone()).collect(),
+            tag_ttl: settings
+                .upstreams
+                .iter()
+                .map(|u| u.tag_ttl.unwrap_or(settings.cache.tag_ttl))
+                .collect(),
+            min_quota: settings.upstreams.iter().map(|u| u.min_quota).collect(),
+            immutable_tags: settings
+                .cache
+                .immutable_tags
+                .iter()
+                .map(|r| Regex::new(r).map_err(|e| format!("cache.immutable_tags: {r:?}: {e}")))
+                .collect::<Result<_, _>>()?,
+            max_stale: settings.cache.max_stale,
+        })
+    }
+}
+
+/// Counters of how tags were answered (only go up).
+#[derive(Debug, Default)]
+pub struct ResolverStats {
+    /// Served past their TTL because the upstream could not confirm them.
+    pub stale_served: AtomicU64,
+    /// Refused: past `max_stale`.
+    pub stale_refused: AtomicU64,
+    /// Revalidations skipped to save the upstream's pull quota.
+    pub quota_skips: AtomicU64,
+    pub revalidations: AtomicU64,
 }
 
 impl Actor for ManifestResolver {
@@ -68,22 +116,24 @@ impl ManifestResolver {
     pub fn start(
         meta: Addr<Metadata>,
         upstreams: UpstreamHandle,
-        names: Arc<Vec<String>>,
-        tag_ttl: Duration,
+        health: HealthHandle,
+        policy: Policy,
         clock: Clock,
     ) -> ManifestsHandle {
+        let stats = Arc::new(ResolverStats::default());
         let addr = ManifestResolver {
             ctx: Ctx {
                 meta,
                 upstreams,
-                names,
-                tag_ttl,
+                health,
+                policy: Arc::new(policy),
                 clock,
+                stats: stats.clone(),
             },
             inflight: HashMap::new(),
         }
         .start();
-        ManifestsHandle { addr }
+        ManifestsHandle { addr, stats }
     }
 }
 
@@ -136,7 +186,43 @@ impl Handler<TagList> for ManifestResolver {
 
 impl Ctx {
     fn name(&self, upstream: usize) -> String {
-        self.names[upstream].clone()
+        self.policy.names[upstream].clone()
+    }
+
+    fn down(&self, upstream: usize) -> Result<(), EngineError> {
+        if self.health.is_down(upstream) {
+            return Err(EngineError::UpstreamDown(self.name(upstream)));
+        }
+        Ok(())
+    }
+
+    /// A cached tag the upstream could not confirm: served while within `max_stale`.
+    #[allow(clippy::too_many_arguments)]
+    fn stale(
+        &self,
+        upstream: usize,
+        repo: &str,
+        tag: &str,
+        rec: ManifestRecord,
+        digest: Digest,
+        stale_ms: u64,
+        why: &str,
+    ) -> Result<ManifestAnswer, EngineError> {
+        let name = self.name(upstream);
+        if stale_ms > self.policy.max_stale.as_millis() as u64 {
+            self.stats.stale_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(upstream = %name, repo, tag, why, "upstream unavailable and the cached tag is older than max_stale; refusing it");
+            return Err(EngineError::StaleTooOld {
+                upstream: name,
+                what: format!("{repo}:{tag}"),
+                stale_for: humantime::format_duration(Duration::from_secs(stale_ms / 1000))
+                    .to_string(),
+                max_stale: humantime::format_duration(self.policy.max_stale).to_string(),
+            });
+        }
+        self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %name, repo, tag, digest = %digest, why, "serving a stale tag from cache");
+        Ok(answer(rec, digest, true))
     }
 
     async fn cached(
@@ -161,6 +247,12 @@ impl Ctx {
         repo: &str,
         reference: &Reference,
     ) -> Result<ManifestAnswer, EngineError> {
+        // Feeds `manifest_max_idle`: a repository in use keeps its manifests.
+        self.meta.do_send(TouchRepo {
+            upstream: self.name(upstream),
+            repo: repo.into(),
+            now_ms: self.clock.now_ms(),
+        });
         match reference {
             Reference::Digest(d) => {
                 if let Some(rec) = self.cached(upstream, repo, d).await? {
@@ -197,10 +289,26 @@ impl Ctx {
         };
         let checked_ms = entry.map(|e| e.checked_ms).unwrap_or(0);
         let now = self.clock.now_ms();
-        if now.saturating_sub(checked_ms) < self.tag_ttl.as_millis() as u64 {
+        let ttl = self.policy.tag_ttl[upstream].as_millis() as u64;
+        let age = now.saturating_sub(checked_ms);
+        if age < ttl || self.policy.immutable_tags.iter().any(|r| r.is_match(tag)) {
             return Ok(answer(rec, digest, false));
         }
-        // Past its TTL: ask the upstream with a HEAD.
+        let stale_ms = age - ttl;
+        // Past its TTL. Known down: answer from cache at once, without waiting for timeouts.
+        if self.health.is_down(upstream) {
+            return self.stale(upstream, repo, tag, rec, digest, stale_ms, "upstream down");
+        }
+        // Docker Hub quota nearly spent: keep the last pulls for images not cached yet.
+        if let Some(q) = self.upstreams.quota(upstream).await {
+            if q.is_low(self.policy.min_quota[upstream], now) {
+                self.stats.quota_skips.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(upstream = %name, repo, tag, remaining = q.remaining, "pull quota low; not revalidating a cached tag");
+                return Ok(answer(rec, digest, false));
+            }
+        }
+        // Ask the upstream with a HEAD.
+        self.stats.revalidations.fetch_add(1, Ordering::Relaxed);
         match self.upstreams.manifest(upstream, repo, tag, true).await {
             Ok(UpstreamManifest {
                 digest: Some(d), ..
@@ -223,8 +331,7 @@ impl Ctx {
             // A HEAD without a digest: only a GET can tell.
             Ok(_) => self.fetch(upstream, repo, tag, None, Some(tag)).await,
             Err(e) if e.is_unavailable() => {
-                tracing::warn!(upstream = %name, repo, tag, digest = %digest, error = %e, "upstream unavailable; serving a stale tag from cache");
-                Ok(answer(rec, digest, true))
+                self.stale(upstream, repo, tag, rec, digest, stale_ms, &e.to_string())
             }
             Err(e) => {
                 if e.is_not_found() {
@@ -278,6 +385,7 @@ impl Ctx {
         tag: Option<&str>,
     ) -> Result<ManifestAnswer, EngineError> {
         let what = format!("manifest {repo}:{reference}");
+        self.down(upstream)?;
         let um = self
             .upstreams
             .manifest(upstream, repo, reference, false)
@@ -343,6 +451,20 @@ impl Ctx {
     async fn tag_list(&self, upstream: usize, repo: &str) -> Result<Vec<String>, EngineError> {
         let mut all = Vec::new();
         let mut last: Option<String> = None;
+        if self.health.is_down(upstream) {
+            let name = self.name(upstream);
+            return match self
+                .meta
+                .send(ListTags {
+                    upstream: name.clone(),
+                    repo: repo.into(),
+                })
+                .await??
+            {
+                Some(tags) => Ok(tags),
+                None => Err(EngineError::UpstreamDown(name)),
+            };
+        }
         // Follow the upstream's pages (bounded), so the cache can paginate for its clients.
         for _ in 0..100 {
             match self
@@ -429,7 +551,7 @@ fn effective_media_type(content_type: &str, bytes: &[u8]) -> Option<String> {
 
 /// The blobs an image manifest references (config and layers), which become readable from
 /// this upstream through the cache.
-fn referenced_blobs(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
+pub fn referenced_blobs(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
     if media_types::is_index(media_type) {
         return Vec::new();
     }
@@ -442,10 +564,26 @@ fn referenced_blobs(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
     }
 }
 
+/// The manifests an index or Docker list points to.
+pub fn child_manifests(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
+    if !media_types::is_index(media_type) {
+        return Vec::new();
+    }
+    match oci_spec::image::ImageIndex::from_reader(bytes) {
+        Ok(i) => i
+            .manifests()
+            .iter()
+            .filter_map(|m| Digest::parse(m.digest().as_ref()).ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// What the HTTP layer holds to resolve manifests.
 #[derive(Clone)]
 pub struct ManifestsHandle {
     addr: Addr<ManifestResolver>,
+    pub stats: Arc<ResolverStats>,
 }
 
 impl ManifestsHandle {

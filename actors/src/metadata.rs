@@ -12,6 +12,8 @@
 //! - `repos`:      upstream \0 repo -> last access (u64 BE ms)
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -66,6 +68,32 @@ pub struct MetadataStore {
     manifests: sled::Tree,
     tags: sled::Tree,
     repos: sled::Tree,
+    /// LRU index: last access (u64 BE ms) ++ digest -> (). Kept in step with `blobs` by
+    /// transactions, so "least recently used" is an ordered range scan.
+    access: sled::Tree,
+    /// Remembered settings (the default disk budget computed at the first start).
+    settings: sled::Tree,
+    /// Bytes of the blobs recorded; changed with every record and removal.
+    usage: Arc<AtomicU64>,
+}
+
+/// Access times are recorded at this granularity: a blob read many times a second costs
+/// one index update, not one per read.
+const ACCESS_GRANULARITY_MS: u64 = 1000;
+
+fn access_key(ms: u64, digest: &str) -> Vec<u8> {
+    let mut k = ms.to_be_bytes().to_vec();
+    k.extend_from_slice(digest.as_bytes());
+    k
+}
+
+type TxResult<T> = Result<T, sled::transaction::ConflictableTransactionError<MetaError>>;
+
+fn tx_err(e: sled::transaction::TransactionError<MetaError>) -> MetaError {
+    match e {
+        sled::transaction::TransactionError::Abort(e) => e,
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+    }
 }
 
 /// What start-up reconciliation found and did.
@@ -90,6 +118,9 @@ impl MetadataStore {
             manifests: db.open_tree("manifests")?,
             tags: db.open_tree("tags")?,
             repos: db.open_tree("repos")?,
+            access: db.open_tree("access")?,
+            settings: db.open_tree("settings")?,
+            usage: Arc::new(AtomicU64::new(0)),
             db,
         })
     }
@@ -113,30 +144,191 @@ impl MetadataStore {
         Ok(())
     }
 
-    pub fn record_blob(&self, digest: &Digest, size: u64, now_ms: u64) -> Result<(), MetaError> {
+    /// Records a stored blob; returns the size of the record it replaced, if any (for exact
+    /// usage accounting).
+    pub fn record_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, MetaError> {
+        use sled::Transactional;
+        let name = digest.to_string();
         let rec = BlobRecord {
             size,
             created_ms: now_ms,
             last_access_ms: now_ms,
         };
-        self.blobs.insert(digest.to_string(), encode_json(&rec))?;
-        Ok(())
+        let value = encode_json(&rec);
+        (&self.blobs, &self.access)
+            .transaction(|(b, a)| -> TxResult<Option<u64>> {
+                let prev = b.insert(name.as_bytes(), value.clone())?;
+                let prev = prev.and_then(|p| serde_json::from_slice::<BlobRecord>(&p).ok());
+                if let Some(p) = &prev {
+                    a.remove(access_key(p.last_access_ms, &name))?;
+                }
+                a.insert(access_key(now_ms, &name), &[])?;
+                Ok(prev.map(|p| p.size))
+            })
+            .map_err(tx_err)
+            .inspect(|prev| {
+                self.usage.fetch_add(size, Ordering::SeqCst);
+                if let Some(p) = prev {
+                    self.usage.fetch_sub(*p, Ordering::SeqCst);
+                }
+            })
     }
 
     pub fn touch_blob(&self, digest: &Digest, now_ms: u64) -> Result<(), MetaError> {
-        let k = digest.to_string();
-        self.blobs.fetch_and_update(k.as_bytes(), |old| {
-            let old = old?;
-            let mut rec: BlobRecord = serde_json::from_slice(old).ok()?;
-            rec.last_access_ms = rec.last_access_ms.max(now_ms);
-            Some(encode_json(&rec))
-        })?;
+        use sled::Transactional;
+        let name = digest.to_string();
+        (&self.blobs, &self.access)
+            .transaction(|(b, a)| -> TxResult<()> {
+                let Some(old) = b.get(name.as_bytes())? else {
+                    return Ok(());
+                };
+                let Ok(mut rec) = serde_json::from_slice::<BlobRecord>(&old) else {
+                    return Ok(());
+                };
+                if now_ms < rec.last_access_ms + ACCESS_GRANULARITY_MS {
+                    return Ok(());
+                }
+                a.remove(access_key(rec.last_access_ms, &name))?;
+                rec.last_access_ms = now_ms;
+                a.insert(access_key(now_ms, &name), &[])?;
+                b.insert(name.as_bytes(), encode_json(&rec))?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Forgets a blob; returns the size it had, if it was recorded.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<Option<u64>, MetaError> {
+        use sled::Transactional;
+        let name = digest.to_string();
+        (&self.blobs, &self.access)
+            .transaction(|(b, a)| -> TxResult<Option<u64>> {
+                let Some(old) = b.remove(name.as_bytes())? else {
+                    return Ok(None);
+                };
+                let rec = serde_json::from_slice::<BlobRecord>(&old).ok();
+                if let Some(r) = &rec {
+                    a.remove(access_key(r.last_access_ms, &name))?;
+                }
+                Ok(rec.map(|r| r.size))
+            })
+            .map_err(tx_err)
+            .inspect(|removed| {
+                if let Some(n) = removed {
+                    self.usage.fetch_sub(*n, Ordering::SeqCst);
+                }
+            })
+    }
+
+    /// Blobs from least to most recently used.
+    pub fn lru(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.access.iter().filter_map(|kv| {
+            let (k, _) = kv.ok()?;
+            Digest::parse(std::str::from_utf8(k.get(8..)?).ok()?).ok()
+        })
+    }
+
+    /// Total size of the recorded blobs.
+    pub fn recorded_bytes(&self) -> Result<u64, MetaError> {
+        let mut total = 0;
+        for kv in self.blobs.iter() {
+            let (_, v) = kv?;
+            if let Ok(r) = serde_json::from_slice::<BlobRecord>(&v) {
+                total += r.size;
+            }
+        }
+        Ok(total)
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<u64>, MetaError> {
+        Ok(self
+            .settings
+            .get(key)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    pub fn set_setting(&self, key: &str, value: u64) -> Result<(), MetaError> {
+        self.settings.insert(key, &value.to_be_bytes())?;
         Ok(())
     }
 
-    pub fn remove_blob(&self, digest: &Digest) -> Result<(), MetaError> {
-        self.blobs.remove(digest.to_string())?;
+    /// Notes that a repository was used (coarsely: at most one write a minute).
+    pub fn touch_repo(&self, upstream: &str, repo: &str, now_ms: u64) -> Result<(), MetaError> {
+        let k = key(&[upstream, repo]);
+        let last = self
+            .repos
+            .get(&k)?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        if now_ms >= last + 60_000 {
+            self.repos.insert(k, &now_ms.to_be_bytes())?;
+        }
         Ok(())
+    }
+
+    /// Drops manifests and tags of repositories unused since `before_ms`, except those
+    /// `keep` says to keep. Returns how many repositories were dropped.
+    pub fn drop_idle_repositories(
+        &self,
+        before_ms: u64,
+        keep: impl Fn(&str, &str) -> bool,
+    ) -> Result<usize, MetaError> {
+        let mut idle = Vec::new();
+        for kv in self.repos.iter() {
+            let (k, v) = kv?;
+            let last = v
+                .as_ref()
+                .try_into()
+                .ok()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if last < before_ms {
+                idle.push(k);
+            }
+        }
+        let mut dropped = 0;
+        for k in idle {
+            let s = String::from_utf8_lossy(&k).into_owned();
+            let Some((u, r)) = s.split_once('\0') else {
+                continue;
+            };
+            if keep(u, r) {
+                continue;
+            }
+            let mut prefix = k.to_vec();
+            prefix.push(0);
+            for tree in [&self.manifests, &self.tags] {
+                for kv in tree.scan_prefix(&prefix) {
+                    let (mk, _) = kv?;
+                    tree.remove(mk)?;
+                }
+            }
+            self.repos.remove(&k)?;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
+    /// Every tag entry: (upstream, repository, tag, digest).
+    pub fn all_tags(&self) -> Result<Vec<(String, String, String, String)>, MetaError> {
+        let mut out = Vec::new();
+        for kv in self.tags.iter() {
+            let (k, v) = kv?;
+            let s = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = s.splitn(3, '\0');
+            let (Some(u), Some(r), Some(t)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            if let Ok(rec) = serde_json::from_slice::<TagRecord>(&v) {
+                out.push((u.to_string(), r.to_string(), t.to_string(), rec.digest));
+            }
+        }
+        Ok(out)
     }
 
     pub fn manifest(
@@ -258,11 +450,15 @@ impl MetadataStore {
         Ok(self.db.flush()?)
     }
 
-    /// Brings the store and the metadata into agreement after a restart or a crash:
-    /// removes temp files, drops records whose file is gone, and re-hashes files that have no
-    /// record (a crash between rename and record): a file whose content matches its name is
-    /// recovered, anything else is deleted.
-    pub fn reconcile(&self, store: &BlobStore, now_ms: u64) -> Result<ReconcileReport, MetaError> {
+    /// Brings the store and the metadata into agreement after a restart or a crash. Runs
+    /// before serving: removes temp files and stray files, drops records whose file is gone
+    /// or has another size, and sets the usage counter to the bytes of the blobs kept.
+    /// Returns the files that have no record (a crash between rename and record): they are
+    /// re-hashed by [`MetadataStore::recover_orphans`], in the background.
+    pub fn reconcile(
+        &self,
+        store: &BlobStore,
+    ) -> Result<(ReconcileReport, Vec<(Digest, u64)>), MetaError> {
         let mut report = ReconcileReport {
             temp_removed: store.clean_temp().unwrap_or(0),
             ..Default::default()
@@ -279,6 +475,7 @@ impl MetadataStore {
         for (d, size) in files {
             on_disk.insert(d.to_string(), (d, size));
         }
+        let mut drop = Vec::new();
         for kv in self.blobs.iter() {
             let (k, v) = kv?;
             let name = String::from_utf8_lossy(&k).into_owned();
@@ -291,24 +488,40 @@ impl MetadataStore {
                 (Some((d, _)), _) => {
                     // Size disagrees or record unreadable: the file cannot be trusted.
                     let _ = store.remove_blob(&d);
-                    self.blobs.remove(&k)?;
                     report.files_removed += 1;
+                    drop.push(k);
                 }
                 (None, _) => {
-                    // Re-check: a download may have committed since the scan passed by.
-                    let exists = Digest::parse(&name)
-                        .map(|d| store.blob_path(&d).exists())
-                        .unwrap_or(false);
-                    if exists {
-                        report.blobs += 1;
-                    } else {
-                        self.blobs.remove(&k)?;
-                        report.records_without_file += 1;
-                    }
+                    report.records_without_file += 1;
+                    drop.push(k);
                 }
             }
         }
-        for (_, (d, size)) in on_disk {
+        for k in drop {
+            if let Ok(d) = Digest::parse(&String::from_utf8_lossy(&k)) {
+                self.remove_blob(&d)?;
+            } else {
+                self.blobs.remove(k)?;
+            }
+        }
+        self.usage.store(report.bytes, Ordering::SeqCst);
+        self.flush()?;
+        Ok((report, on_disk.into_values().collect()))
+    }
+
+    /// Re-hashes files that have no record: a file whose content matches its name is
+    /// recorded (and counted), anything else is deleted.
+    pub fn recover_orphans(
+        &self,
+        store: &BlobStore,
+        orphans: Vec<(Digest, u64)>,
+        now_ms: u64,
+    ) -> Result<ReconcileReport, MetaError> {
+        let mut report = ReconcileReport::default();
+        for (d, size) in orphans {
+            if self.blob(&d)?.is_some() {
+                continue; // fetched again meanwhile
+            }
             if store.verify(&d).unwrap_or(false) {
                 self.record_blob(&d, size, now_ms)?;
                 report.files_recovered += 1;
@@ -321,6 +534,11 @@ impl MetadataStore {
         }
         self.flush()?;
         Ok(report)
+    }
+
+    /// Bytes of blobs stored, exactly: kept as a counter by every record change.
+    pub fn usage(&self) -> u64 {
+        self.usage.load(Ordering::SeqCst)
     }
 }
 
@@ -461,6 +679,36 @@ pub struct ListRepositories;
 #[rtype(result = "Result<usize, MetaError>")]
 pub struct Flush;
 
+/// Is the database answering?
+#[derive(Message)]
+#[rtype(result = "Result<(), MetaError>")]
+pub struct Ping;
+
+impl Handler<Ping> for Metadata {
+    type Result = Result<(), MetaError>;
+    fn handle(&mut self, _: Ping, _: &mut Self::Context) -> Self::Result {
+        self.store.setting("ping").map(|_| ())
+    }
+}
+
+/// A repository was used (feeds `manifest_max_idle`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TouchRepo {
+    pub upstream: String,
+    pub repo: String,
+    pub now_ms: u64,
+}
+
+impl Handler<TouchRepo> for Metadata {
+    type Result = ();
+    fn handle(&mut self, m: TouchRepo, _: &mut Self::Context) {
+        if let Err(e) = self.store.touch_repo(&m.upstream, &m.repo, m.now_ms) {
+            tracing::warn!(error = %e, "could not record repository access");
+        }
+    }
+}
+
 impl Handler<LookupBlob> for Metadata {
     type Result = Result<BlobLookup, MetaError>;
     fn handle(&mut self, m: LookupBlob, _: &mut Self::Context) -> Self::Result {
@@ -500,7 +748,7 @@ impl Handler<TouchBlob> for Metadata {
 impl Handler<ForgetBlob> for Metadata {
     type Result = Result<(), MetaError>;
     fn handle(&mut self, m: ForgetBlob, _: &mut Self::Context) -> Self::Result {
-        self.store.remove_blob(&m.digest)
+        self.store.remove_blob(&m.digest).map(|_| ())
     }
 }
 
@@ -624,6 +872,37 @@ mod tests {
     }
 
     #[test]
+    fn usage_counter_and_lru_order_follow_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetadataStore::open(dir.path()).unwrap();
+        let (a, b, c) = (d(b"a"), d(b"b"), d(b"c"));
+        m.record_blob(&a, 10, 1_000).unwrap();
+        m.record_blob(&b, 20, 2_000).unwrap();
+        m.record_blob(&c, 30, 3_000).unwrap();
+        assert_eq!(m.usage(), 60);
+        // Re-recording replaces, not adds.
+        m.record_blob(&c, 30, 3_500).unwrap();
+        assert_eq!(m.usage(), 60);
+        assert_eq!(
+            m.lru().collect::<Vec<_>>(),
+            vec![a.clone(), b.clone(), c.clone()]
+        );
+        m.touch_blob(&a, 10_000).unwrap();
+        assert_eq!(
+            m.lru().collect::<Vec<_>>(),
+            vec![b.clone(), c.clone(), a.clone()]
+        );
+        // Within the granularity a touch changes nothing.
+        m.touch_blob(&b, 2_500).unwrap();
+        assert_eq!(m.lru().next(), Some(b.clone()));
+        assert_eq!(m.remove_blob(&b).unwrap(), Some(20));
+        assert_eq!(m.remove_blob(&b).unwrap(), None);
+        assert_eq!(m.usage(), 40);
+        assert_eq!(m.lru().collect::<Vec<_>>(), vec![c, a]);
+        assert_eq!(m.recorded_bytes().unwrap(), 40);
+    }
+
+    #[test]
     fn reconcile_recovers_verified_files_and_drops_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
@@ -638,12 +917,15 @@ mod tests {
         }
         m.record_blob(&gone, 4, 1).unwrap();
         let (_p, _f) = store.create_temp().unwrap();
-        let r = m.reconcile(&store, 5).unwrap();
+        let (r, orphans) = m.reconcile(&store).unwrap();
         assert_eq!(r.temp_removed, 1);
         assert_eq!(r.records_without_file, 1);
-        assert_eq!(r.files_recovered, 1);
-        assert_eq!(r.files_removed, 1);
-        assert_eq!(r.blobs, 1);
+        assert_eq!(m.usage(), 0);
+        assert_eq!(orphans.len(), 2);
+        let r2 = m.recover_orphans(&store, orphans, 5).unwrap();
+        assert_eq!(r2.files_recovered, 1);
+        assert_eq!(r2.files_removed, 1);
+        assert_eq!(m.usage(), 4);
         assert!(m.blob(&good).unwrap().is_some());
         assert!(m.blob(&gone).unwrap().is_none());
         assert!(!store.blob_path(&bad).exists());

@@ -10,19 +10,66 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-/// `[storage]`: where blobs and metadata live.
+/// `[storage]`: where blobs and metadata live, and how much disk they may use.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
     /// Directory holding `blobs/` (content-addressed files), `tmp/` (downloads in progress)
     /// and `meta/` (the sled metadata database). Created if missing.
     pub root: PathBuf,
+    /// Disk budget for blobs ("50GiB", "500MB"). Unset: 80% of the filesystem's free space
+    /// at the first start, remembered in the metadata and printed at start-up.
+    #[serde(with = "bytesize_opt")]
+    pub max_size: Option<u64>,
+    /// Eviction starts when the blobs stored pass this fraction of `max_size`...
+    pub high_watermark: f64,
+    /// ...and evicts least-recently-used blobs until usage is under this fraction.
+    pub low_watermark: f64,
+    /// Never evicted: images matching these `upstream/repository:tag` patterns (`*` matches
+    /// anything), e.g. `"docker.io/library/alpine:*"`. Their manifests and blobs stay.
+    pub pin: Vec<String>,
+    /// Manifests and tags of a repository nobody pulled for this long are dropped.
+    #[serde(with = "humantime_serde_compat")]
+    pub manifest_max_idle: Duration,
+    /// How often the eviction sweeper checks usage (it also runs after large downloads).
+    #[serde(with = "humantime_serde_compat")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
             root: PathBuf::from("./data"),
+            max_size: None,
+            high_watermark: 0.90,
+            low_watermark: 0.80,
+            pin: Vec::new(),
+            manifest_max_idle: Duration::from_secs(30 * 86400),
+            sweep_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[health]`: probing upstreams.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Each upstream's `GET /v2/` is probed this often (200 or 401 = up).
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+    /// Consecutive results needed to change an upstream's state between up and down.
+    pub threshold: u32,
+    /// Timeout of one probe.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            interval: Duration::from_secs(15),
+            threshold: 3,
+            timeout: Duration::from_secs(5),
         }
     }
 }
@@ -35,12 +82,21 @@ pub struct CacheSettings {
     /// HEAD (which does not count against Docker Hub's pull quota). Humantime: "5m", "1h".
     #[serde(with = "humantime_serde_compat")]
     pub tag_ttl: Duration,
+    /// Tags matching any of these regexes (e.g. `^v?[0-9]+\\.[0-9]+\\.[0-9]+$`) are never
+    /// revalidated once cached.
+    pub immutable_tags: Vec<String>,
+    /// How long past its TTL a cached tag may still be served while the upstream is down,
+    /// erroring, rate-limiting or timing out. Past that: 503.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_stale: Duration,
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
             tag_ttl: Duration::from_secs(300),
+            immutable_tags: Vec::new(),
+            max_stale: Duration::from_secs(7 * 86400),
         }
     }
 }
@@ -103,6 +159,13 @@ pub struct UpstreamSettings {
     /// total timeout: a multi-GiB layer may take long, but it must keep moving.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
+    /// Overrides `cache.tag_ttl` for this upstream.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub tag_ttl: Option<Duration>,
+    /// When the upstream's `ratelimit-remaining` (Docker Hub) falls below this, cached tags
+    /// are not revalidated until the rate-limit window resets, saving the last pulls for
+    /// images not cached yet.
+    pub min_quota: u64,
 }
 
 impl Default for UpstreamSettings {
@@ -119,6 +182,8 @@ impl Default for UpstreamSettings {
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            tag_ttl: None,
+            min_quota: 5,
         }
     }
 }
@@ -150,7 +215,41 @@ impl UpstreamSettings {
 pub struct EngineSettings {
     pub storage: StorageSettings,
     pub cache: CacheSettings,
+    pub health: HealthSettings,
     pub upstreams: Vec<UpstreamSettings>,
+}
+
+/// Sizes as "50GiB", "500MB", "1073741824" (the `bytesize` crate's grammar), for serde.
+pub mod bytesize_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_str(&bytesize::ByteSize(*b).display().iec().to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Option::<Raw>::deserialize(d)? {
+            None => Ok(None),
+            Some(Raw::N(n)) => Ok(Some(n)),
+            Some(Raw::S(s)) if s.trim().is_empty() => Ok(None),
+            Some(Raw::S(s)) => s
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| Some(b.as_u64()))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!("invalid size {s:?}: {e} (e.g. \"50GiB\")"))
+                }),
+        }
+    }
 }
 
 /// Durations as humantime strings ("5m", "30s", "1h 30m"), for serde, using the `humantime`
@@ -168,5 +267,28 @@ pub mod humantime_serde_compat {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+
+    /// The same for an optional duration.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                None => Ok(None),
+                Some(s) => humantime::parse_duration(&s)
+                    .map(Some)
+                    .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}"))),
+            }
+        }
     }
 }

@@ -77,6 +77,11 @@ impl BlobStore {
         Ok(dest)
     }
 
+    /// Free bytes on the store's filesystem.
+    pub fn free_space(&self) -> io::Result<u64> {
+        free_space(&self.tmp)
+    }
+
     /// Removes leftovers of interrupted downloads. Returns how many were removed.
     pub fn clean_temp(&self) -> io::Result<usize> {
         let mut n = 0;
@@ -162,4 +167,18 @@ pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<bytes::Bytes>
     }
     buf.truncate(filled);
     Ok(bytes::Bytes::from(buf))
+}
+
+/// Free space on the filesystem holding `path`, in bytes (for unprivileged users).
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Whether an I/O error means the disk (or the quota) is full.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use crate::auth::{self, Challenge, TokenCache, TokenResponse};
+use crate::clock::Clock;
 use crate::digest::Digest;
 use crate::error::UpstreamError;
 use crate::messages::{media_types, FillEvent};
@@ -44,6 +45,40 @@ struct Conn {
     client: awc::Client,
     challenge: RefCell<Option<Challenge>>,
     tokens: RefCell<TokenCache>,
+    /// The last rate-limit headers seen (Docker Hub's `ratelimit-*`).
+    quota: RefCell<Option<Quota>>,
+    clock: Clock,
+}
+
+/// An upstream's pull quota, from its `ratelimit-limit` / `ratelimit-remaining` headers
+/// (`100;w=21600`: 100 pulls per 21600-second window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Quota {
+    pub limit: Option<u64>,
+    pub remaining: u64,
+    pub window_seconds: Option<u64>,
+    /// Unix ms when these headers were seen.
+    pub observed_ms: u64,
+}
+
+impl Quota {
+    /// Below `min` and the window in which it was seen has not passed yet.
+    pub fn is_low(&self, min: u64, now_ms: u64) -> bool {
+        let window_ms = self.window_seconds.unwrap_or(6 * 3600) * 1000;
+        self.remaining < min && now_ms < self.observed_ms + window_ms
+    }
+}
+
+/// Parses `20;w=21600` into (20, Some(21600)).
+pub fn parse_ratelimit(v: &str) -> Option<(u64, Option<u64>)> {
+    let mut parts = v.split(';');
+    let n = parts.next()?.trim().parse().ok()?;
+    let w = parts.find_map(|p| {
+        p.trim()
+            .strip_prefix("w=")
+            .and_then(|w| w.trim().parse().ok())
+    });
+    Some((n, w))
 }
 
 pub struct Upstreams {
@@ -90,7 +125,7 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 impl Upstreams {
     /// Starts the actor on a new arbiter (thread). The returned handle is `Send + Clone`.
-    pub fn start(settings: Vec<UpstreamSettings>) -> Result<UpstreamHandle, String> {
+    pub fn start(settings: Vec<UpstreamSettings>, clock: Clock) -> Result<UpstreamHandle, String> {
         let mut parsed = Vec::new();
         for s in &settings {
             parsed.push((s.clone(), parse_base_url(s)?));
@@ -121,6 +156,8 @@ impl Upstreams {
                         client,
                         challenge: RefCell::new(None),
                         tokens: RefCell::new(TokenCache::default()),
+                        quota: RefCell::new(None),
+                        clock: clock.clone(),
                     })
                 })
                 .collect();
@@ -226,6 +263,47 @@ impl Handler<StartDownload> for Upstreams {
     }
 }
 
+/// Health probe: `GET /v2/` answered 200 or 401 within `timeout`.
+#[derive(Message)]
+#[rtype(result = "Result<Duration, String>")]
+pub struct Probe {
+    pub upstream: usize,
+    pub timeout: Duration,
+}
+
+impl Handler<Probe> for Upstreams {
+    type Result = ResponseFuture<Result<Duration, String>>;
+    fn handle(&mut self, m: Probe, _: &mut Self::Context) -> Self::Result {
+        let conn = self.conns[m.upstream].clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let req = conn.client.get(conn.url("/v2/")).send();
+            match tokio::time::timeout(m.timeout, req).await {
+                Err(_) => Err(format!("no answer within {:?}", m.timeout)),
+                Ok(Err(e)) => Err(conn.send_error(e).to_string()),
+                Ok(Ok(resp)) => match resp.status().as_u16() {
+                    200 | 401 => Ok(start.elapsed()),
+                    s => Err(format!("GET /v2/ answered {s}")),
+                },
+            }
+        })
+    }
+}
+
+/// The last quota headers seen for an upstream.
+#[derive(Message)]
+#[rtype(result = "Option<Quota>")]
+pub struct GetQuota {
+    pub upstream: usize,
+}
+
+impl Handler<GetQuota> for Upstreams {
+    type Result = Option<Quota>;
+    fn handle(&mut self, m: GetQuota, _: &mut Self::Context) -> Self::Result {
+        *self.conns[m.upstream].quota.borrow()
+    }
+}
+
 impl Handler<FetchTags> for Upstreams {
     type Result = ResponseFuture<Result<TagsPage, UpstreamError>>;
     fn handle(&mut self, m: FetchTags, _: &mut Self::Context) -> Self::Result {
@@ -247,6 +325,24 @@ struct Req<'a> {
 }
 
 impl Conn {
+    fn record_quota(&self, resp: &ClientResponse) {
+        let get = |h: &str| {
+            resp.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_ratelimit)
+        };
+        if let Some((remaining, w)) = get("ratelimit-remaining") {
+            let limit = get("ratelimit-limit");
+            *self.quota.borrow_mut() = Some(Quota {
+                limit: limit.map(|l| l.0),
+                remaining,
+                window_seconds: w.or(limit.and_then(|l| l.1)),
+                observed_ms: self.clock.now_ms(),
+            });
+        }
+    }
+
     fn name(&self) -> String {
         self.settings.name.clone()
     }
@@ -291,6 +387,7 @@ impl Conn {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
+        self.record_quota(&resp);
         let digest = resp
             .headers()
             .get("docker-content-digest")
@@ -750,6 +847,27 @@ fn retryable(e: &awc::error::SendRequestError) -> bool {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratelimit_headers() {
+        assert_eq!(parse_ratelimit("100;w=21600"), Some((100, Some(21600))));
+        assert_eq!(parse_ratelimit("20"), Some((20, None)));
+        assert_eq!(parse_ratelimit("x;w=1"), None);
+        let q = Quota {
+            limit: Some(100),
+            remaining: 3,
+            window_seconds: Some(60),
+            observed_ms: 1000,
+        };
+        assert!(q.is_low(5, 2000));
+        assert!(!q.is_low(5, 61_001));
+        assert!(!q.is_low(3, 2000));
+    }
+}
+
 fn pull_scope(repo: &str) -> String {
     format!("repository:{repo}:pull")
 }
@@ -838,6 +956,17 @@ impl UpstreamHandle {
             digest: digest.clone(),
             sink,
         });
+    }
+
+    pub async fn probe(&self, upstream: usize, timeout: Duration) -> Result<Duration, String> {
+        self.addr
+            .send(Probe { upstream, timeout })
+            .await
+            .map_err(|e| format!("upstream client unavailable: {e}"))?
+    }
+
+    pub async fn quota(&self, upstream: usize) -> Option<Quota> {
+        self.addr.send(GetQuota { upstream }).await.ok().flatten()
     }
 
     pub async fn tags(

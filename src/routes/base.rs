@@ -1,6 +1,8 @@
 //! `/v2/` (the version check every client makes first) and `/healthz` (liveness).
 
-use actix_web::HttpResponse;
+use actix_web::{web, HttpResponse};
+
+use super::AppState;
 
 use super::manifest::SizedEmpty;
 
@@ -18,4 +20,18 @@ pub fn version_check(head: bool) -> HttpResponse {
 /// Liveness: the process serves HTTP.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+/// Readiness (`/readyz`, and `/v2/_health` for existing monitoring): 200 while pullcache
+/// can serve (storage writable, metadata answering), 503 when it cannot. Upstreams being
+/// down does not make it unready; their state, last probe, latency and quota are in the
+/// JSON body, with the disk budget and the sweeper's state.
+pub async fn readiness(state: web::Data<AppState>) -> HttpResponse {
+    let r = state.engine.readiness().await;
+    let mut resp = if r.ready {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    resp.json(r)
 }

@@ -26,7 +26,9 @@ pub struct AppState {
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource(["/v2", "/v2/{tail:.*}"]).route(web::route().to(dispatch)))
+    // Registered before the catch-all: `_health` cannot be a repository name.
+    cfg.service(web::resource(["/readyz", "/v2/_health"]).route(web::get().to(base::readiness)))
+        .service(web::resource(["/v2", "/v2/{tail:.*}"]).route(web::route().to(dispatch)))
         .service(
             web::resource("/healthz")
                 .route(web::get().to(base::healthz))

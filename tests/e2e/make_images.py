@@ -22,6 +22,17 @@ for this machine's architecture, amd64 on x86_64):
               data gzipped at level 1; run.sh pulls it with several clients at
               once on a cold cache.
 
+Built only when named with ``--only`` (resilience.sh; the default set above
+is unchanged):
+
+  evict<N>    (N = 1, 2, ...) OCI image manifest with a single layer: an
+              uncompressed tar of ``--layer-mib`` MiB (default 20) of
+              incompressible random data seeded by the name, so every evictN
+              is distinct. For the disk-budget checks.
+  moving1,    two different small OCI images (one gzip layer each), meant to
+  moving2     be pushed one after the other to the same tag with
+              ``--push-as moving``, for the tag-revalidation check.
+
 The OCI-typed images are written as OCI image layouts under OUT/<name>
 (index.json, oci-layout, blobs/sha256/...). skopeo's ``oci:`` source does not
 accept a Docker manifest list as a tagged descriptor, so ``dockerlist`` is
@@ -30,7 +41,8 @@ written in containers/image's ``dir:`` layout instead (manifest.json,
 with ``skopeo copy --all --preserve-digests``, so no manifest is converted.
 
 With ``--push HOST:PORT`` each layout is copied with skopeo to
-``docker://HOST:PORT/library/<name>:latest`` and the digest of the raw
+``docker://HOST:PORT/library/<name>:latest`` (``--push-as NAME``: to
+``library/NAME:latest`` instead, for a single image) and the digest of the raw
 manifest the registry returns (``skopeo inspect --raw``) is compared with the
 digest computed here; any difference is an error.
 
@@ -43,6 +55,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import platform as pyplatform
 import shutil
 import subprocess
@@ -293,6 +306,26 @@ def build_burst(out):
     return top, lay
 
 
+def build_evict(out, name, layer_mib):
+    """One layer of LAYER_MIB MiB incompressible data, uncompressed tar."""
+    lay = Layout(os.path.join(out, name))
+    big = make_tar([
+        ("data/", None, 0o755),
+        ("data/%s.bin" % name, seeded_bytes(name + "/big", layer_mib * 1024 * 1024), 0o644),
+    ])
+    top = image_manifest(lay, [(big, None)], HOST_ARCH, docker=False, top=True)
+    lay.finish(top)
+    return top, lay
+
+
+def build_moving(out, name):
+    """A small single-layer image; moving1 and moving2 differ in content."""
+    lay = Layout(os.path.join(out, name))
+    top = image_manifest(lay, [small_layer(name, HOST_ARCH)], HOST_ARCH, docker=False, top=True)
+    lay.finish(top)
+    return top, lay
+
+
 def build_list(out, name, docker):
     lay = Layout(os.path.join(out, name), kind="dir" if docker else "oci")
     children = []
@@ -338,28 +371,53 @@ BUILDERS = {
     "burst": build_burst,
     "multiarch": lambda out: build_list(out, "multiarch", docker=False),
     "dockerlist": lambda out: build_list(out, "dockerlist", docker=True),
+    "moving1": lambda out: build_moving(out, "moving1"),
+    "moving2": lambda out: build_moving(out, "moving2"),
 }
+DEFAULT_IMAGES = ["tiny", "multi", "multiarch", "dockerlist", "burst"]
+EVICT_RE = re.compile(r"^evict[1-9][0-9]?$")
+
+
+def builder(name, args):
+    if name in BUILDERS:
+        return BUILDERS[name]
+    if EVICT_RE.match(name):
+        return lambda out: build_evict(out, name, args.layer_mib)
+    raise SystemExit("unknown image %r (known: %s, evict1..evict99)"
+                     % (name, ", ".join(sorted(BUILDERS))))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for the OCI layouts")
     ap.add_argument("--push", metavar="HOST:PORT", help="registry to push to (plain http)")
-    ap.add_argument("--only", nargs="*", choices=sorted(BUILDERS), help="images to build")
+    ap.add_argument("--only", nargs="*", metavar="NAME",
+                    help="images to build (default: %s; also evictN, moving1, moving2)"
+                    % " ".join(DEFAULT_IMAGES))
+    ap.add_argument("--layer-mib", type=int, default=20, metavar="MIB",
+                    help="layer size of the evictN images (default 20)")
+    ap.add_argument("--push-as", metavar="NAME",
+                    help="push the one image built as library/NAME:latest")
     args = ap.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
-    names = args.only or ["tiny", "multi", "multiarch", "dockerlist", "burst"]
+    names = args.only or DEFAULT_IMAGES
+    builders = [(name, builder(name, args)) for name in names]
+    if args.push_as and len(names) != 1:
+        raise SystemExit("--push-as needs exactly one image in --only")
+    if args.layer_mib < 1:
+        raise SystemExit("--layer-mib must be at least 1")
     lines = []
-    for name in names:
-        top, lay = BUILDERS[name](args.out)
+    for name, build in builders:
+        top, lay = build(args.out)
         print("built library/%s:%s %s %s" % (name, TAG, top["digest"], top["mediaType"]),
               file=sys.stderr, flush=True)
+        repo = args.push_as or name
         if args.push:
-            push(lay, name, args.push, top)
-            print("pushed library/%s:%s to %s, digest verified" % (name, TAG, args.push),
+            push(lay, repo, args.push, top)
+            print("pushed library/%s:%s to %s, digest verified" % (repo, TAG, args.push),
                   file=sys.stderr, flush=True)
-        lines.append("%s\t%s\t%s\t%s\n" % (name, TAG, top["digest"], top["mediaType"]))
+        lines.append("%s\t%s\t%s\t%s\n" % (repo, TAG, top["digest"], top["mediaType"]))
     with open(os.path.join(args.out, "expected.tsv"), "w") as f:
         f.writelines(lines)
     return 0

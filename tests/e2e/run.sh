@@ -29,116 +29,22 @@
 #   RUST_LOG            passed to pullcache (default: info)
 set -euo pipefail
 
-E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_ROOT=$(cd "$E2E_DIR/../.." && pwd)
 UPSTREAM_PORT=${E2E_UPSTREAM_PORT:-15000}
 MIRROR_PORT=${E2E_MIRROR_PORT:-5000}
 STANDIN=${E2E_STANDIN:-}
-DOCKER_PKG_DIR=${E2E_DOCKER_PKG_DIR:-$E2E_DIR/work/docker-pkg}
 IMAGES=(tiny multi multiarch dockerlist)   # pulled by every client, twice
 BURST=burst                                 # pulled by five clients at once, cold
-DEAD=127.0.0.1:9            # nothing listens here: a proxy / server that refuses
 PULL_TIMEOUT=120            # seconds for one client pull or copy, at most
 BUDGET=${E2E_BUDGET:-480}   # seconds for all checks (the build is not counted)
-START=$SECONDS
+# Logs shown on failure; processes stopped first at exit: dockerd, then the
+# containerds, then the mirror, then the upstream.
+LOG_TAILS=(mirror:60 dockerd:30 containerd:15 containerd2:15 registry:20 clients:30)
+STOP_ORDER=(dockerd containerd2 containerd mirror registry)
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 UPSTREAM=127.0.0.1:$UPSTREAM_PORT
 MIRROR=127.0.0.1:$MIRROR_PORT
-
-log() { printf '[%4ds] %s\n' "$((SECONDS - START))" "$*" >&2; }
-DIE_MSG=
-die() {
-    DIE_MSG=$*
-    printf '[%4ds] ERROR: %s\n' "$((SECONDS - START))" "$*" >&2
-    exit 1
-}
-
-# Is something accepting connections on 127.0.0.1:$1?
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-W=           # work dir: tests/e2e/work/run.XXXXXX
-R=           # short runtime dir for sockets: /tmp/pce2e.XXXXXX
-LOGS=
-PASS=0
-FAIL=0
-FAILED=()
-SUMMARY_DONE=0
-declare -A PIDS=()   # name -> pid of every process this script started
-
-pass() { PASS=$((PASS + 1)); printf 'ok   %s\n' "$1"; }
-fail() {
-    FAIL=$((FAIL + 1))
-    FAILED+=("$1")
-    printf 'FAIL %s: %s\n' "$1" "$2"
-}
-
-# stop NAME: TERM the recorded pid, wait up to 20 s, then KILL.
-stop() {
-    local name=$1 pid i
-    pid=${PIDS[$name]:-}
-    [ -n "$pid" ] || return 0
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            log "$name (pid $pid) ignored SIGTERM for 20 s; SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-    PIDS[$name]=
-}
-
-show_logs() {
-    local f n
-    [ -n "$LOGS" ] || return 0
-    for f in mirror:60 dockerd:30 containerd:15 containerd2:15 registry:20 clients:30; do
-        n=${f#*:}
-        f=${f%:*}
-        [ -s "$LOGS/$f.log" ] || continue
-        printf '\n===== tail -n %s %s.log =====\n' "$n" "$f"
-        tail -n "$n" "$LOGS/$f.log"
-    done
-}
-
-cleanup() {
-    local rc=$? i m
-    set +e
-    trap - EXIT INT TERM
-    if [ "$rc" != 0 ] && [ "$SUMMARY_DONE" = 0 ]; then
-        show_logs
-        printf '\nthe run stopped early (exit %s): %s\n' "$rc" "${DIE_MSG:-see above}"
-        # The aborted run counts as one failed check.
-        printf '%d passed, %d failed\n' "$PASS" "$((FAIL + 1))"
-    fi
-    # dockerd first, then the containerds, then the mirror, then the upstream.
-    for name in dockerd containerd2 containerd mirror registry; do
-        stop "$name"
-    done
-    if [ -z "$W" ] || [ -z "$R" ]; then
-        exit "$rc"
-    fi
-    # dockerd runs in its own mount namespace, so its mounts die with it;
-    # anything still mounted under our directories is unmounted here.
-    for ((i = 0; i < 3; i++)); do
-        m=$(awk -v w="$W/" -v r="$R/" 'index($5, w) == 1 || index($5, r) == 1 { print $5 }' /proc/self/mountinfo | sort -r)
-        [ -n "$m" ] || break
-        while IFS= read -r mp; do umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null; done <<<"$m"
-    done
-    if awk -v w="$W/" -v r="$R/" 'index($5, w) == 1 || index($5, r) == 1 { f = 1 } END { exit !f }' /proc/self/mountinfo; then
-        printf 'cleanup: mounts remain under %s or %s; not removing them\n' "$W" "$R" >&2
-    else
-        rm -rf "$R"
-        [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$W"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'DIE_MSG="interrupted (SIGINT)"; exit 130' INT
-trap 'DIE_MSG="terminated (SIGTERM)"; exit 143' TERM
 
 case "$STANDIN" in
     "" | pullcache) STANDIN="" ;;
@@ -146,98 +52,19 @@ case "$STANDIN" in
     *) die "E2E_STANDIN must be empty or 'distribution', not '$STANDIN'" ;;
 esac
 [ "$(id -u)" = 0 ] || die "run as root (dockerd, containerd and unshare -m need it)"
-for p in "$UPSTREAM_PORT" "$MIRROR_PORT" "$BUDGET"; do
-    case "$p" in '' | *[!0-9]*) die "bad number '$p' (E2E_UPSTREAM_PORT, E2E_MIRROR_PORT, E2E_BUDGET)" ;; esac
-done
+need_numbers "E2E_UPSTREAM_PORT, E2E_MIRROR_PORT, E2E_BUDGET" "$UPSTREAM_PORT" "$MIRROR_PORT" "$BUDGET"
 
 # ---------------------------------------------------------------- setup, build
-if [ "${E2E_SKIP_SETUP:-0}" != 1 ]; then
-    log "setup.sh"
-    E2E_DOCKER_PKG_DIR=$DOCKER_PKG_DIR bash "$E2E_DIR/setup.sh" || die "setup.sh failed"
-fi
-DOCKERD=$DOCKER_PKG_DIR/pkg/usr/sbin/dockerd
-DOCKER_CLI=$DOCKER_PKG_DIR/pkg/usr/bin/docker
-if [ ! -x "$DOCKERD" ] || [ ! -x "$DOCKER_CLI" ]; then
-    die "no unpacked docker.io in $DOCKER_PKG_DIR (run setup.sh)"
-fi
-
+e2e_setup
 BIN=
-if [ -z "$STANDIN" ]; then
-    if [ -n "${PULLCACHE_BIN:-}" ]; then
-        BIN=$(cd "$(dirname "$PULLCACHE_BIN")" && pwd)/$(basename "$PULLCACHE_BIN")
-    else
-        log "cargo build --release"
-        (cd "$REPO_ROOT" && cargo build --release --bin pullcache) >&2 || die "cargo build --release failed"
-        target=${CARGO_TARGET_DIR:-target}
-        case "$target" in /*) ;; *) target=$REPO_ROOT/$target ;; esac
-        BIN=$target/release/pullcache
-    fi
-    [ -x "$BIN" ] || die "pullcache binary $BIN not found or not executable"
-fi
+[ -n "$STANDIN" ] || e2e_build
 
 # ------------------------------------------------------------------ work dirs
-for p in "$UPSTREAM_PORT" "$MIRROR_PORT"; do
-    if port_open "$p"; then
-        die "port 127.0.0.1:$p is busy; stop what listens there or set E2E_UPSTREAM_PORT / E2E_MIRROR_PORT"
-    fi
-done
-if port_open "${DEAD##*:}"; then
-    die "something listens on $DEAD, which must refuse connections"
-fi
-
-mkdir -p "$E2E_DIR/work"
-W=$(mktemp -d "$E2E_DIR/work/run.XXXXXX")
-# Unix sockets have a 108-byte path limit: keep them (and runtime state)
-# under a short directory, whatever the checkout's path.
-R=$(mktemp -d /tmp/pce2e.XXXXXX)
-LOGS=$W/logs
-mkdir -p "$LOGS"
-
-
-# start NAME LOGFILE CMD...: run in the background, remember the pid.
-start() {
-    local name=$1 logf=$2
-    shift 2
-    "$@" >"$logf" 2>&1 &
-    PIDS[$name]=$!
-    log "started $name (pid ${PIDS[$name]})"
-}
-
-# wait_http NAME URL SECONDS: until URL answers 2xx, NAME's process alive.
-wait_http() {
-    local name=$1 url=$2 secs=$3 i end
-    end=$((SECONDS + secs))
-    for ((i = 0; i < secs * 5 && SECONDS < end; i++)); do
-        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
-            return 0
-        fi
-        kill -0 "${PIDS[$name]}" 2>/dev/null || die "$name exited while starting (see $name log)"
-        sleep 0.2
-    done
-    die "$name: $url did not answer 2xx within $secs s"
-}
-
-# Clients never reach the internet: any proxied request goes to a dead port.
-export HTTP_PROXY=http://$DEAD HTTPS_PROXY=http://$DEAD http_proxy=http://$DEAD https_proxy=http://$DEAD
-export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+e2e_workdirs run "$UPSTREAM_PORT" "$MIRROR_PORT"
+e2e_no_internet
 
 # ------------------------------------------------------------------ upstream
-cat >"$W/upstream.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $W/upstream-data
-  delete:
-    enabled: true
-http:
-  addr: $UPSTREAM
-EOF
-start registry "$LOGS/registry.log" docker-registry serve "$W/upstream.yml"
-wait_http registry "http://$UPSTREAM/v2/" 30
+start_upstream registry "$UPSTREAM" "$W/upstream-data"
 
 log "building and pushing test images"
 python3 "$E2E_DIR/make_images.py" --out "$W/images" --push "$UPSTREAM" >"$LOGS/make_images.log" 2>&1 \
@@ -269,13 +96,7 @@ url = "http://$UPSTREAM"
 default = true
 prefix = "docker"
 EOF
-    export RUST_LOG=${RUST_LOG:-info}
-    # pullcache reads PULLCACHE_<SECTION>__<KEY> variables as configuration
-    # and rejects unknown keys (PULLCACHE_BIN would be one): the daemon gets
-    # the file above and nothing else.
-    unset_pc=()
-    while IFS= read -r v; do unset_pc+=(-u "$v"); done < <(compgen -e | grep '^PULLCACHE_' || true)
-    start mirror "$LOGS/mirror.log" env "${unset_pc[@]}" "$BIN" serve --config "$W/pullcache.toml"
+    start_pullcache mirror "$W/pullcache.toml"
     # skopeo goes through the path prefix that routes to the docker.io upstream.
     SKOPEO_REPO=$MIRROR/docker/library
 else
@@ -300,94 +121,16 @@ fi
 wait_http mirror "http://$MIRROR/v2/" 30
 
 # --------------------------------------------------------- containerd, dockerd
-# start_containerd NAME DIR
-start_containerd() {
-    local name=$1 d=$2 i end
-    mkdir -p "$d"
-    cat >"$d/config.toml" <<EOF
-version = 2
-root = "$d/root"
-state = "$d/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$d/containerd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$d/opt"
-EOF
-    start "$name" "$LOGS/$name.log" containerd --config "$d/config.toml"
-    end=$((SECONDS + 30))
-    for ((i = 0; i < 150 && SECONDS < end; i++)); do
-        timeout 5 ctr --address "$d/containerd.sock" version >/dev/null 2>&1 && return 0
-        kill -0 "${PIDS[$name]}" 2>/dev/null || die "$name exited while starting"
-        sleep 0.2
-    done
-    die "$name did not answer within 30 s"
-}
 CTD1=$R/ctd       # dockerd's containerd, also used by ctr while the upstream is up
 CTD2=$R/ctd2      # a fresh containerd for ctr once the upstream is stopped
 start_containerd containerd "$CTD1"
 start_containerd containerd2 "$CTD2"
 
-D=$W/docker
-mkdir -p "$D"
-echo "{\"deprecated-key-path\": \"$D/key.json\"}" >"$D/daemon.json"
-# The dead proxy keeps dockerd from falling back to the internet when the
-# mirror fails (loopback mirrors are not proxied); `unshare -m` keeps its
-# mounts (and the /run/docker it insists on, on a tmpfs) private.
-# shellcheck disable=SC2016 # $0 and $@ are for the inner sh
-start dockerd "$LOGS/dockerd.log" \
-    unshare -m --propagation private sh -c 'mkdir -p /run/docker && mount -t tmpfs none /run/docker && exec "$0" "$@"' \
-    "$DOCKERD" --config-file "$D/daemon.json" \
-    --data-root "$D/root" --exec-root "$R/dexec" --pidfile "$R/dockerd.pid" \
-    -H "unix://$R/docker.sock" --containerd "$CTD1/containerd.sock" \
-    --storage-driver vfs --bridge none --iptables=false --ip6tables=false \
-    --registry-mirror "http://$MIRROR"
-export DOCKER_HOST=unix://$R/docker.sock
-# docker CMD...: the unpacked client, bounded in time.
-docker() { timeout 60 "$DOCKER_CLI" "$@"; }
-end=$((SECONDS + 60))
-for ((i = 0; i < 300 && SECONDS < end; i++)); do
-    timeout 5 "$DOCKER_CLI" version >/dev/null 2>&1 && break
-    kill -0 "${PIDS[dockerd]}" 2>/dev/null || die "dockerd exited while starting"
-    sleep 0.2
-done
-timeout 10 "$DOCKER_CLI" version >/dev/null 2>&1 || die "dockerd did not answer within 60 s"
-info=$(timeout 10 "$DOCKER_CLI" info 2>&1) || die "docker info failed: $info"
-case "$info" in
-    *"http://$MIRROR/"*) ;;
-    *) die "dockerd does not list http://$MIRROR/ as a registry mirror" ;;
-esac
-log "dockerd ready, mirror http://$MIRROR"
-
-mkdir -p "$W/certs.d/docker.io"
-cat >"$W/certs.d/docker.io/hosts.toml" <<EOF
-# Only the mirror can answer: the server itself is a dead address.
-server = "http://$DEAD"
-
-[host."http://$MIRROR"]
-  capabilities = ["pull", "resolve"]
-EOF
+start_dockerd dockerd "$W/docker" "$CTD1/containerd.sock" "http://$MIRROR"
+write_hosts_toml "$W/certs.d" "$MIRROR"
 
 # ------------------------------------------------------------------ checks
-# why RC: a one-line reason for a failed client command.
-why() {
-    if [ "$1" = 124 ]; then
-        printf 'timed out after %s s' "$T"
-    else
-        printf 'exit %s: %s' "$1" "$(tail -n 1 "$LOGS/clients.log" | cut -c1-400)"
-    fi
-}
-CHECKS_END=$((SECONDS + BUDGET))
-# budget NAME: sets T to the seconds one step of check NAME may take; fails
-# the check and returns 1 once the suite's time budget is spent.
-budget() {
-    T=$((CHECKS_END - SECONDS))
-    if [ "$T" -le 0 ]; then
-        fail "$1" "not run: the suite's time budget (E2E_BUDGET=$BUDGET s) is spent"
-        return 1
-    fi
-    [ "$T" -le "$PULL_TIMEOUT" ] || T=$PULL_TIMEOUT
-}
+start_budget
 # check_docker PHASE IMG
 check_docker() {
     local phase=$1 img=$2 name got
@@ -590,15 +333,4 @@ else
 fi
 
 # ------------------------------------------------------------------ summary
-if [ "$FAIL" != 0 ]; then
-    show_logs
-fi
-printf '\nmirror: %s\nrun took %d s\n' "${STANDIN:-pullcache ($BIN)}" "$((SECONDS - START))"
-[ "${KEEP_WORK:-0}" != 1 ] || printf 'work dir kept: %s\n' "$W"
-if [ "$FAIL" != 0 ]; then
-    printf 'failed checks:\n'
-    printf '  %s\n' "${FAILED[@]}"
-fi
-SUMMARY_DONE=1
-printf '%d passed, %d failed\n' "$PASS" "$FAIL"
-[ "$FAIL" = 0 ]
+summary "${STANDIN:-pullcache ($BIN)}"

@@ -257,7 +257,10 @@ fn auth_ok(req: &HttpRequest, s: &Shared, repo: &str) -> bool {
 }
 
 fn challenge(req: &HttpRequest, s: &Shared, repo: Option<&str>) -> HttpResponse {
-    s.counts.unauthorized.fetch_add(1, Ordering::SeqCst);
+    // Challenges to repository requests (the health probe's GET /v2/ is not counted).
+    if repo.is_some() {
+        s.counts.unauthorized.fetch_add(1, Ordering::SeqCst);
+    }
     let host = req.connection_info().host().to_string();
     let scope = repo
         .map(|r| format!(",scope=\"repository:{r}:pull\""))
