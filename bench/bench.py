@@ -447,6 +447,19 @@ def wait_ready(port, path="/v2/", timeout=30, proc=None):
     raise RuntimeError(f"127.0.0.1:{port}{path} not ready after {timeout}s (last: {last})")
 
 
+def bind_failed(proc):
+    for path in {proc.out_path, proc.err_path}:
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 4000))
+                tail = f.read().decode(errors="replace").lower()
+        except OSError:
+            continue
+        if "address already in use" in tail or "address in use" in tail:
+            return True
+    return False
+
+
 class Server:
     cacheable = True
 
@@ -470,8 +483,20 @@ class Server:
             rmtree(self.data_dir())
             os.makedirs(self.data_dir(), exist_ok=True)
         os.sync()  # nobody's dirty pages flush during the next measurement
-        self.proc = self.make_proc().start()
-        wait_ready(self.port, proc=self.proc)
+        # Our ports lie in the kernel's ephemeral range: another program's outgoing
+        # connection may hold one for a moment. Retry a bind failure a few times.
+        for attempt in range(10):
+            self.proc = self.make_proc().start()
+            try:
+                wait_ready(self.port, proc=self.proc)
+                return
+            except RuntimeError as e:
+                exited = not self.proc.alive()
+                self.proc.stop()
+                if not (exited and bind_failed(self.proc)) or attempt == 9:
+                    raise
+                log(f"{self.name}: 127.0.0.1:{self.port} busy ({e}); retrying in 1 s")
+                time.sleep(1)
 
     def ensure(self):
         if not (self.proc and self.proc.alive()):
@@ -708,6 +733,49 @@ def run_wrk(port, path, seconds):
 
 
 # ------------------------------------------------------------------------------------
+# pullcache's start-up log
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z")
+
+
+def log_time(line, wall0, fallback):
+    """Seconds from wall0 to the line's own UTC timestamp (fallback if it has none)."""
+    m = TS_RE.match(line.strip())
+    if not m:
+        return fallback
+    ts = m.group(1)
+    if "." in ts:
+        head, frac = ts.split(".")
+        ts = head + "." + frac[:6]
+    try:
+        t = datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return fallback
+    return t - wall0
+
+
+def reconcile_done(txt, wall0, now):
+    """(seconds until the store was reconciled including any background re-check, report)
+    or (None, "") while it is still going. Handles both the report after a background
+    reconciliation and a reconciliation before serving followed by a background re-hash of
+    unrecorded files (`unrecorded_files=N`, then `unrecorded blob files re-checked`)."""
+    lines = [ln for ln in txt.splitlines()
+             if "reconcil" in ln or "re-check" in ln or "unrecorded" in ln]
+    main = [ln for ln in lines if "store reconciled" in ln or "reconciliation failed" in ln]
+    if not main:
+        return None, ""
+    m = re.search(r"unrecorded_files=(\d+)", main[-1])
+    if m and int(m.group(1)) > 0:
+        bg = [ln for ln in lines if "unrecorded blob files re-checked" in ln
+              or "re-checking unrecorded blob files failed" in ln]
+        if not bg:
+            return None, ""
+        return log_time(bg[-1], wall0, now), " | ".join(x.strip() for x in main[-1:] + bg[-1:])
+    return log_time(main[-1], wall0, now), main[-1].strip()
+
+
+# ------------------------------------------------------------------------------------
 # the run
 
 
@@ -789,9 +857,6 @@ class Bench:
         }
         st.restart(fresh=False)
         # every system answers the same paths: check the small image's manifest through each
-        for s in ALL_SYSTEMS:
-            srv = self.servers[s]
-            srv.ensure()
         self.machine_info()
 
     def machine_info(self):
@@ -1024,6 +1089,7 @@ default = true
                 f.write(f"=== {label}\n".encode())
             mark = os.path.getsize(logpath)
             p = Proc("pullcache-startup", [PULLCACHE_BIN, "serve", "--config", cfg], logpath, env=env)
+            wall0 = time.time()
             t0 = time.monotonic()
             p.start()
             first = None
@@ -1049,10 +1115,8 @@ default = true
                     if done is None:
                         with open(logpath, "rb") as f:
                             f.seek(mark)
-                            txt = f.read().decode(errors="replace")
-                        if "store reconciled" in txt or "reconciliation failed" in txt:
-                            done = el
-                            report = [ln for ln in txt.splitlines() if "reconcil" in ln][-1]
+                            txt = ANSI_RE.sub("", f.read().decode(errors="replace"))
+                        done, report = reconcile_done(txt, wall0, el)
                     if rss5 is not None and done is not None:
                         break
                     time.sleep(0.05)
@@ -1062,7 +1126,7 @@ default = true
                 p.stop()
             r = {"first_200_s": first, "rss_5s_mib": rss5, "reconcile_done_s": done,
                  "rss_after_reconcile_mib": rss_after, "cpu_s_until_reconciled": cpu,
-                 "reconcile_log": re.sub(r"\x1b\[[0-9;]*m", "", report)[-300:]}
+                 "reconcile_log": report[-600:]}
             log(f"  {label}: first 200 after {first if first is None else round(first, 3)}s, "
                 f"RSS at 5 s {rss5 if rss5 is None else round(rss5)} MiB, reconciled after "
                 f"{done if done is None else round(done, 1)}s ({r['reconcile_log'][-120:]})")
@@ -1085,6 +1149,14 @@ default = true
             f.write(c.replace(f'root = "{root}"', f'root = "{os.path.join(d, "empty")}"'))
         self.startup["empty_store"] = one("empty store (reference)", reconcile_timeout=30)
 
+    def only(self, s):
+        """Stops the caches other than s: nothing else talks to the upstream (pullcache
+        pings it for health) or takes CPU while s is measured. Upstream and the static
+        nginx stay up (idle unless measured)."""
+        for o in CACHES:
+            if o != s:
+                self.servers[o].stop()
+
     # -- the whole run
     def run(self):
         self.setup()
@@ -1094,9 +1166,11 @@ default = true
             if "burst" in SECTIONS:
                 for s in CACHES + ["upstream"]:
                     check_budget()
+                    self.only(s)
                     self.burst(s, rep)
             for s in ALL_SYSTEMS:
                 check_budget()
+                self.only(s)
                 if "pulls" in SECTIONS:
                     self.pulls(s, rep)
                 if "manifests" in SECTIONS:

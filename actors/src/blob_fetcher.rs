@@ -1046,6 +1046,9 @@ impl BlobsHandle {
             let ready = loop {
                 let r = match &*state.borrow_and_update() {
                     FillState::Connecting => None,
+                    // Headers go out with the first bytes on disk: a download that fails
+                    // before (a full disk at the first write) is retried cleanly.
+                    FillState::Streaming { written: 0, .. } => None,
                     FillState::Streaming { total, .. } => Some(Ok(*total)),
                     FillState::Verified { size, .. } => Some(Ok(Some(*size))),
                     FillState::Failed(e) => Some(Err(e.clone())),

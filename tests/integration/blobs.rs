@@ -236,7 +236,22 @@ async fn damaged_stored_blob_is_fetched_again() {
     let pc = Pullcache::start(&up.url());
     let url = pc.url(&format!("/v2/library/x/blobs/{d}"));
     assert_eq!(get(&url, &[]).await.0, StatusCode::OK);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    // Stored, recorded, and the download has left the in-flight table.
+    for _ in 0..200 {
+        let done = pc
+            .engine
+            .blobs
+            .fill_stats()
+            .await
+            .unwrap()
+            .get("done")
+            .copied();
+        if done == Some(1) {
+            break;
+        }
+        actix_rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(pc.blob_path(&d).exists());
     // Truncate the stored file.
     let f = std::fs::OpenOptions::new()
         .write(true)

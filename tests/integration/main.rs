@@ -7,5 +7,6 @@ mod common;
 mod auth_and_routing;
 mod bad_input;
 mod blobs;
+mod cache_policy;
 mod manifests;
 mod restart;

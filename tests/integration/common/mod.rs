@@ -87,6 +87,8 @@ pub struct Knobs {
     pub use_gate: AtomicBool,
     /// Answer every /v2 request with this status (0 = normal).
     pub fail_status: AtomicU64,
+    /// Send Docker Hub's rate-limit headers on manifest responses: remaining (u64::MAX = none).
+    pub ratelimit_remaining: AtomicU64,
     /// Do not send Docker-Content-Digest on manifest HEADs.
     pub head_without_digest: AtomicBool,
     /// Send blob bodies chunked, without Content-Length.
@@ -125,6 +127,7 @@ impl FakeUpstream {
                 gate,
                 use_gate: AtomicBool::new(false),
                 fail_status: AtomicU64::new(0),
+                ratelimit_remaining: AtomicU64::new(u64::MAX),
                 head_without_digest: AtomicBool::new(false),
                 chunked_blobs: AtomicBool::new(false),
             }),
@@ -344,6 +347,11 @@ async fn registry(req: HttpRequest, s: web::Data<Shared>) -> HttpResponse {
             };
             let mut r = HttpResponse::Ok();
             r.insert_header(("Content-Type", mt));
+            let remaining = s.knobs.ratelimit_remaining.load(Ordering::SeqCst);
+            if remaining != u64::MAX {
+                r.insert_header(("ratelimit-limit", "100;w=21600"));
+                r.insert_header(("ratelimit-remaining", format!("{remaining};w=21600")));
+            }
             if !(head && s.knobs.head_without_digest.load(Ordering::SeqCst)) {
                 r.insert_header(("Docker-Content-Digest", digest));
             }
@@ -502,8 +510,14 @@ impl Pullcache {
     }
 
     pub fn start_with(upstreams: Vec<UpstreamSettings>) -> Pullcache {
+        Self::start_cfg(upstreams, |_| {})
+    }
+
+    /// Starts with the configuration adjusted by `f`.
+    pub fn start_cfg(upstreams: Vec<UpstreamSettings>, f: impl FnOnce(&mut Config)) -> Pullcache {
         let root = tempfile::tempdir().unwrap();
-        let cfg = config(root.path(), upstreams);
+        let mut cfg = config(root.path(), upstreams);
+        f(&mut cfg);
         let clock = Clock::manual();
         let running = pullcache::server::start(&cfg, clock.clone(), false).unwrap();
         let base = format!("http://{}", running.addrs[0]);
