@@ -616,13 +616,16 @@ tag_ttl = \"5m\""
     run_mirror mirror-kill "$W/kill.toml" || return 0
     budget "kill: 20 concurrent pulls, then kill -9" || return 0
     kill_round 1
-    # Kill once bytes flow into tmp/ (>= 4 MiB) or after 1 s, whichever first.
+    # Kill while bytes flow: once some blobs are complete and others still
+    # downloading (>= 4 MiB in tmp/), or at 1 s with anything in tmp/, or at 3 s.
     t0=$(ms)
-    for ((k = 0; k < 200; k++)); do
+    for ((k = 0; k < 300; k++)); do
         tmpb=$(bytes "$root/tmp")
-        [ "$tmpb" -lt $((4 * 1024 * 1024)) ] || break
-        [ $(($(ms) - t0)) -lt 1000 ] || break
-        sleep 0.02
+        blobsn=$(find "$root/blobs" -type f 2>/dev/null | wc -l)
+        [ "$blobsn" = 0 ] || [ "$tmpb" -lt $((4 * 1024 * 1024)) ] || break
+        [ $(($(ms) - t0)) -lt 1000 ] || [ "$tmpb" = 0 ] || break
+        [ $(($(ms) - t0)) -lt 3000 ] || break
+        sleep 0.01
     done
     tmpb=$(bytes "$root/tmp")
     blobsn=$(find "$root/blobs" -type f 2>/dev/null | wc -l)
