@@ -109,7 +109,10 @@ pub struct ReconcileReport {
 
 impl MetadataStore {
     pub fn open(root: &Path) -> Result<MetadataStore, MetaError> {
+        // sled's page cache defaults to 1 GiB; the metadata's hot set is far smaller, and a
+        // cache's RSS should stay small.
         let db = sled::Config::new()
+            .cache_capacity(32 * 1024 * 1024)
             .path(root.join("meta").join(FORMAT))
             .open()?;
         Ok(MetadataStore {
