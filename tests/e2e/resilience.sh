@@ -14,7 +14,8 @@
 #            bytes under blobs/ (+ tmp/) never pass max_size plus one blob
 #            in flight, and are back under max_size within 10 s of each
 #            pull; the pinned image's files stay (same inode); evicted
-#            images are fetched again transparently, digests checked.
+#            images are fetched again transparently, digests checked;
+#            /readyz's usage_bytes equals the blob files' bytes.
 #   tag      cache.tag_ttl 3s: library/moving:latest is pulled, another
 #            image is pushed to the same tag upstream, and after 4 s
 #            skopeo, a fresh containerd namespace and dockerd get the new
@@ -28,12 +29,15 @@
 #            an image never pulled fails within a few seconds; then the
 #            upstream port becomes a black hole (accepts, never answers):
 #            uncached requests still fail fast and cached tags are still
-#            served at once.
+#            served at once. A stale tag carries `Warning: 110`. When the
+#            upstream is back, /readyz says so within 10 s and the image
+#            that failed fast pulls.
 #   kill     20 concurrent pulls (10 skopeo copies, 10 curl GETs of large
 #            blobs) on an empty cache, pullcache killed with SIGKILL while
 #            bytes flow; restarted on the same root: tmp/ is empty, every
 #            file under blobs/ hashes to its name, and the same 20 pulls all
-#            succeed with every digest checked.
+#            succeed with every digest checked; /readyz's usage_bytes
+#            equals the blob files' bytes.
 #
 # The last line is `N passed, M failed`; the exit status is non-zero on any
 # failure, and the tails of the logs are printed.
@@ -230,9 +234,15 @@ try:
     d = json.load(open(sys.argv[1]))
 except Exception as e:
     sys.exit("invalid: not JSON: %s" % e)
-missing = [k for k in ("storage", "metadata", "upstreams") if k not in d]
+# storage, metadata and upstreams (pullcache names the metadata flag metadata_ok).
+missing = [k for k in ("storage", "upstreams") if k not in d]
+if not any(k.startswith("metadata") for k in d):
+    missing.append("metadata")
 if missing:
     sys.exit("invalid: no %s in %s" % (missing, sorted(d)))
+for k in ("ready", "storage_writable", "metadata_ok"):
+    if k in d and d[k] is not True:
+        sys.exit("invalid: %s is %s" % (k, d[k]))
 ups = d["upstreams"]
 items = ups.items() if isinstance(ups, dict) else [(u.get("name"), u) for u in ups]
 for name, u in items:
@@ -263,6 +273,23 @@ check_ready() {
         sleep 0.5
     done
     fail "$name" "HTTP $code, docker.io state '$state' after $secs s; body: $(head -c 300 "$f" 2>/dev/null | tr '\n' ' ')"
+}
+
+# check_usage NAME ROOT: /readyz's storage.usage_bytes (an exact counter, by
+# the README) equals the bytes of the files under ROOT/blobs, within 5 s.
+check_usage() {
+    local name=$1 root=$2 k files usage
+    for ((k = 0; k < 25; k++)); do
+        files=$(find "$root/blobs" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }')
+        usage=$(curl -sS --max-time 5 "http://$MIRROR/readyz" 2>/dev/null | python3 -c 'import json,sys
+print(json.load(sys.stdin)["storage"]["usage_bytes"])' 2>/dev/null) || usage=none
+        if [ "$usage" = "$files" ]; then
+            pass "$name ($usage bytes)"
+            return
+        fi
+        sleep 0.2
+    done
+    fail "$name" "/readyz storage.usage_bytes $usage, files under blobs/ $files bytes"
 }
 
 log "building and pushing test images"
@@ -418,6 +445,7 @@ tag_ttl = \"5m\""
         [ -f "$f" ] || { fail "disk: pinned blobs on disk at the end" "$f missing"; return 0; }
     done
     pass "disk: pinned blobs on disk at the end"
+    check_usage "disk: /readyz usage_bytes equals the bytes of the blob files" "$root"
     alive mirror-disk
     stop mirror-disk
 }
@@ -463,6 +491,12 @@ section_offline() {
     check_ready "offline: GET /v2/_health as /readyz" /v2/_health down 2
     code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "http://$MIRROR/healthz" 2>/dev/null) || code=000
     if [ "$code" = 200 ]; then pass "offline: GET /healthz 200"; else fail "offline: GET /healthz 200" "HTTP $code"; fi
+    # A tag past its TTL that the upstream cannot confirm is served stale,
+    # marked with a `Warning: 110` header.
+    f=$W/stale-headers
+    code=$(curl -sS -I -o "$f" -w '%{http_code}' --max-time 5 "http://$MIRROR/v2/library/tiny/manifests/latest" 2>/dev/null) || code=000
+    if [ "$code" = 200 ] && grep -qi '^warning: *110' "$f"; then pass "offline: HEAD of a stale tag: 200 with Warning: 110"; else
+        fail "offline: HEAD of a stale tag: 200 with Warning: 110" "HTTP $code, headers: $(tr '\r\n' '  ' <"$f" | cut -c1-300)"; fi
 
     # Every cached image, by tag then by digest. moving has two digests, its
     # tag points at the second; both were pulled by every client in "tag".
@@ -562,6 +596,12 @@ while time.time() < end:
     if [ $((t1 - t0)) -le 20000 ]; then pass "offline, black-hole upstream: docker pull took $((t1 - t0)) ms (<= 20 s)"; else
         fail "offline, black-hole upstream: docker pull within 20 s" "took $((t1 - t0)) ms"; fi
     stop blackhole
+
+    # The upstream comes back: probes see it within a few seconds and the
+    # image that failed fast while it was down now pulls.
+    start_upstream registry "$UPSTREAM" "$W/upstream-data"
+    check_ready "offline: upstream back, /readyz shows docker.io up within 10 s" /readyz up 10
+    check_skopeo_copy "offline: upstream back, skopeo copy of the image that failed fast" "$SKOPEO_REPO/${EVICT_IMAGES[4]}:latest" "${UP[${EVICT_IMAGES[4]}]}"
     alive mirror-b
 }
 
@@ -660,6 +700,7 @@ tag_ttl = \"5m\""
     if [ "$left" = 0 ]; then pass "kill: restarted on the same root, tmp/ is empty"; else
         fail "kill: restarted on the same root, tmp/ is empty" "$left entries: $(find "$root/tmp" -mindepth 1 | head -n 3 | tr '\n' ' ')"; fi
 
+    check_usage "kill: after the restart, /readyz usage_bytes equals the bytes of the blob files" "$root"
     budget "kill: the 20 pulls again after the restart" || return 0
     kill_round 2
     for i in "${!PULL_PIDS[@]}"; do
@@ -682,6 +723,7 @@ tag_ttl = \"5m\""
     else
         fail "kill: at the end every file under blobs/ matches its digest" "$out: $(head -n 3 "$W/badblobs" | tr '\n' ' ')"
     fi
+    check_usage "kill: /readyz usage_bytes equals the bytes of the blob files" "$root"
     left=$(find "$root/tmp" -mindepth 1 -type f 2>/dev/null | wc -l)
     if [ "$left" = 0 ]; then pass "kill: tmp/ is empty once the pulls are done"; else
         fail "kill: tmp/ is empty once the pulls are done" "$left files"; fi
