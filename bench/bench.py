@@ -447,6 +447,30 @@ def wait_ready(port, path="/v2/", timeout=30, proc=None):
     raise RuntimeError(f"127.0.0.1:{port}{path} not ready after {timeout}s (last: {last})")
 
 
+PORT_POOL = list(range(PORT_BASE + 6, PORT_BASE + 100))
+
+
+def bindable(port):
+    """Whether a listener (SO_REUSEADDR, as nginx, Go and actix set it) can bind now."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def pick_port(preferred, name, avoid=()):
+    taken = {p for n, p in PORTS.items() if n != name}
+    for p in [preferred] + PORT_POOL:
+        if p not in taken and p not in avoid and bindable(p):
+            return p
+    raise RuntimeError(f"no free port in {PORT_BASE}-{PORT_BASE + 99}")
+
+
 def bind_failed(proc):
     for path in {proc.out_path, proc.err_path}:
         try:
@@ -485,7 +509,15 @@ class Server:
         os.sync()  # nobody's dirty pages flush during the next measurement
         # Our ports lie in the kernel's ephemeral range: another program's outgoing
         # connection may hold one for a moment. Retry a bind failure a few times.
+        # Client sockets (wrk, curl, the caches' upstream connections) get source ports
+        # from the same range and leave them in TIME_WAIT for 60 s, which blocks a listener:
+        # a busy port is replaced by a free one from the pool, and a bind failure retried.
+        avoid = set()
         for attempt in range(10):
+            port = pick_port(self.port, self.name, avoid)
+            if port != self.port:
+                log(f"{self.name}: 127.0.0.1:{self.port} is busy; using {port}")
+                self.port = PORTS[self.name] = port
             self.proc = self.make_proc().start()
             try:
                 wait_ready(self.port, proc=self.proc)
@@ -495,8 +527,9 @@ class Server:
                 self.proc.stop()
                 if not (exited and bind_failed(self.proc)) or attempt == 9:
                     raise
-                log(f"{self.name}: 127.0.0.1:{self.port} busy ({e}); retrying in 1 s")
-                time.sleep(1)
+                log(f"{self.name}: bind to 127.0.0.1:{self.port} failed ({e}); another port")
+                avoid.add(self.port)
+                time.sleep(0.2)
 
     def ensure(self):
         if not (self.proc and self.proc.alive()):
@@ -822,9 +855,6 @@ class Bench:
 
     # -- set-up
     def setup(self):
-        for name, port in PORTS.items():
-            if port_open(port):
-                raise RuntimeError(f"port {port} ({name}) is already in use; set BENCH_PORT_BASE")
         log(f"work dir {self.work}")
         log(f"generating images (big {BIG_MB} MiB, mid {MID_MB} MiB, small)")
         self.images = make_images(os.path.join(self.work, "images"))
@@ -1067,7 +1097,7 @@ class Bench:
                 f.write(b)
         os.sync()
         log(f"  generated in {time.monotonic() - t:.1f}s")
-        port = PORTS["startup"]
+        port = PORTS["startup"] = pick_port(PORTS["startup"], "startup")
         cfg = os.path.join(d, "pullcache.toml")
         with open(cfg, "w") as f:
             f.write(f"""[server]
@@ -1085,6 +1115,15 @@ default = true
         logpath = os.path.join(d, "pullcache.log")
 
         def one(label, reconcile_timeout=600):
+            nonlocal port
+            p2 = pick_port(port, "startup")
+            if p2 != port:
+                log(f"  127.0.0.1:{port} is busy; using {p2}")
+                with open(cfg) as f:
+                    c = f.read()
+                with open(cfg, "w") as f:
+                    f.write(c.replace(f'listen = "127.0.0.1:{port}"', f'listen = "127.0.0.1:{p2}"'))
+                port = PORTS["startup"] = p2
             with open(logpath, "ab") as f:
                 f.write(f"=== {label}\n".encode())
             mark = os.path.getsize(logpath)
@@ -1204,12 +1243,12 @@ FIGURES = [
     ("m_digest_p50_ms", "  by digest: p50 latency, ms", "down"),
     ("m_digest_p99_ms", "  by digest: p99 latency, ms", "down"),
     ("m_digest_cpu_ms_per_1k", "  by digest: server CPU ms per 1000 requests", "down"),
-    ("m_digest_upstream_per_req", "  by digest: upstream requests per client request", "down"),
+    ("m_digest_upstream_per_req", "  by digest: upstream requests per client request", "none"),
     ("m_tag_rps", f"cached manifest by tag (fresh), wrk {WRK_C} conns: req/s", "up"),
     ("m_tag_p50_ms", "  by tag: p50 latency, ms", "down"),
     ("m_tag_p99_ms", "  by tag: p99 latency, ms", "down"),
     ("m_tag_cpu_ms_per_1k", "  by tag: server CPU ms per 1000 requests", "down"),
-    ("m_tag_upstream_per_req", "  by tag: upstream requests per client request", "down"),
+    ("m_tag_upstream_per_req", "  by tag: upstream requests per client request", "none"),
 ]
 
 
@@ -1310,13 +1349,14 @@ def report(b, elapsed, error=None):
             c = f"**{fmt(e['median'])}**"
             if e["n"] > 1:
                 c += f" [{fmt(e['min'])}–{fmt(e['max'])}]"
-            if s != "pullcache" and "ratio_to_pullcache" in e:
+            if s != "pullcache" and "ratio_to_pullcache" in e and better != "none":
                 r = e["ratio_to_pullcache"]
                 c += f" ×{r:.2f}" if r >= 0.095 else f" ×{r:.2g}"
             if e["failed"]:
                 c += f" ✗{e['failed']}"
             cells.append(c)
-        L.append(f"| {label.strip()} | {'↑' if better == 'up' else '↓'} | " + " | ".join(cells) + " |")
+        arrow = {"up": "↑", "down": "↓"}.get(better, "↓ (no ratio)")
+        L.append(f"| {label.strip()} | {arrow} | " + " | ".join(cells) + " |")
     L.append("")
     if sha:
         L.append(f"Machine limit: sha256 on one core (`openssl speed -evp sha256 -bytes 16384`): "
