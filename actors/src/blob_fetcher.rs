@@ -38,7 +38,9 @@ use crate::store::{self, BlobStore};
 use crate::upstream::UpstreamHandle;
 
 /// Bytes read from disk per chunk sent to a client.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
+/// A fill publishes its progress at least this often while chunks are queued.
+const PUBLISH_EVERY: u64 = 1024 * 1024;
 /// Chunks buffered between the upstream reader and the fill writer.
 const FILL_CHANNEL: usize = 64;
 
@@ -182,6 +184,7 @@ impl BlobSource {
                 total,
                 wait,
                 held: None,
+                ready: Default::default(),
                 released: 0,
                 start,
                 end,
@@ -329,6 +332,8 @@ struct DirectReader {
     wait: Duration,
     /// The newest chunk, not yet given to the client.
     held: Option<Bytes>,
+    /// Released chunks waiting to be returned.
+    ready: std::collections::VecDeque<Bytes>,
     /// Bytes before `held`.
     released: u64,
     start: u64,
@@ -349,6 +354,9 @@ impl DirectReader {
 
     async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
         loop {
+            if let Some(out) = self.ready.pop_front() {
+                return Some(Ok(out));
+            }
             if self.done || self.end.is_some_and(|e| self.released >= e) {
                 return None;
             }
@@ -363,14 +371,19 @@ impl DirectReader {
                 Ok(Some(ev)) => ev,
             };
             match ev {
-                FillEvent::Chunk(b) => {
-                    if let Some(h) = self.hasher.as_mut() {
-                        h.update(&b);
-                    }
-                    if let Some(prev) = self.held.replace(b) {
-                        if let Some(out) = self.clip(prev) {
-                            return Some(Ok(out));
+                FillEvent::Chunk(pieces) => {
+                    for b in pieces {
+                        if let Some(h) = self.hasher.as_mut() {
+                            h.update(&b);
                         }
+                        if let Some(prev) = self.held.replace(b) {
+                            if let Some(out) = self.clip(prev) {
+                                self.ready.push_back(out);
+                            }
+                        }
+                    }
+                    if let Some(out) = self.ready.pop_front() {
+                        return Some(Ok(out));
                     }
                 }
                 FillEvent::End => {
@@ -886,45 +899,68 @@ impl FillWriter {
         });
         let mut hasher = Hasher::new(digest.algorithm());
         let mut written: u64 = 0;
-        loop {
-            match events.blocking_recv() {
-                Some(FillEvent::Chunk(b)) => {
-                    if total.is_some_and(|t| written + b.len() as u64 > t) {
-                        let e = UpstreamError::Protocol {
-                            upstream: self.upstream_name.clone(),
-                            detail: "more bytes than Content-Length".into(),
-                        };
+        let mut published: u64 = 0;
+        let publish = |g: &FillGuard, written: u64| {
+            g.state.send_modify(|s| {
+                if let FillState::Streaming { written: w, .. } = s {
+                    *w = written;
+                }
+            })
+        };
+        'fill: loop {
+            let mut event = events.blocking_recv();
+            // Handle this event and whatever else is already queued, then publish once:
+            // readers wake per batch, not per chunk.
+            loop {
+                match event {
+                    Some(FillEvent::Chunk(pieces)) => {
+                        for b in pieces {
+                            if total.is_some_and(|t| written + b.len() as u64 > t) {
+                                let e = UpstreamError::Protocol {
+                                    upstream: self.upstream_name.clone(),
+                                    detail: "more bytes than Content-Length".into(),
+                                };
+                                return g.fail(EngineError::Upstream(e));
+                            }
+                            hasher.update(&b);
+                            let res = if self.disk.injected() {
+                                Err(io::Error::from(io::ErrorKind::StorageFull))
+                            } else {
+                                (&*file).write_all(&b)
+                            };
+                            if let Err(e) = res {
+                                if store::is_disk_full(&e) {
+                                    return self.disk_full(&mut g, &e.to_string());
+                                }
+                                tracing::error!(error = %e, digest = %digest, "writing a download to disk failed");
+                                return g
+                                    .fail(EngineError::Storage(format!("writing to disk: {e}")));
+                            }
+                            written += b.len() as u64;
+                            if written - published >= PUBLISH_EVERY {
+                                publish(&g, written);
+                                published = written;
+                            }
+                        }
+                    }
+                    Some(FillEvent::End) => break 'fill,
+                    Some(FillEvent::Failed(e)) => {
+                        tracing::warn!(error = %e, digest = %digest, written, "upstream failed mid-blob");
                         return g.fail(EngineError::Upstream(e));
                     }
-                    hasher.update(&b);
-                    let res = if self.disk.injected() {
-                        Err(io::Error::from(io::ErrorKind::StorageFull))
-                    } else {
-                        (&*file).write_all(&b)
-                    };
-                    if let Err(e) = res {
-                        if store::is_disk_full(&e) {
-                            return self.disk_full(&mut g, &e.to_string());
-                        }
-                        tracing::error!(error = %e, digest = %digest, "writing a download to disk failed");
-                        return g.fail(EngineError::Storage(format!("writing to disk: {e}")));
+                    Some(FillEvent::Headers { .. }) => {
+                        return g.fail(EngineError::Storage("fill protocol error".into()))
                     }
-                    written += b.len() as u64;
-                    g.state.send_modify(|s| {
-                        if let FillState::Streaming { written: w, .. } = s {
-                            *w = written;
-                        }
-                    });
+                    None => return,
                 }
-                Some(FillEvent::End) => break,
-                Some(FillEvent::Failed(e)) => {
-                    tracing::warn!(error = %e, digest = %digest, written, "upstream failed mid-blob");
-                    return g.fail(EngineError::Upstream(e));
+                match events.try_recv() {
+                    Ok(e) => event = Some(e),
+                    Err(_) => break,
                 }
-                Some(FillEvent::Headers { .. }) => {
-                    return g.fail(EngineError::Storage("fill protocol error".into()))
-                }
-                None => return,
+            }
+            if written > published {
+                publish(&g, written);
+                published = written;
             }
         }
         if let Some(t) = total.filter(|t| *t != written) {

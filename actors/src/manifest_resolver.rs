@@ -53,6 +53,9 @@ type SharedAnswer = Shared<LocalBoxFuture<'static, Result<ManifestAnswer, Engine
 pub struct ManifestResolver {
     ctx: Ctx,
     inflight: HashMap<Key, SharedAnswer>,
+    /// When each repository's use was last written to the metadata (feeds
+    /// `manifest_max_idle`); kept here so a busy repository costs one write a minute.
+    touched: HashMap<(usize, String), u64>,
 }
 
 /// What a resolution needs; cloned into each lookup's future.
@@ -131,6 +134,7 @@ impl ManifestResolver {
                 stats: stats.clone(),
             },
             inflight: HashMap::new(),
+            touched: HashMap::new(),
         }
         .start();
         ManifestsHandle { addr, stats }
@@ -158,6 +162,22 @@ impl Handler<Resolve> for ManifestResolver {
     type Result = ResponseFuture<Result<ManifestAnswer, EngineError>>;
 
     fn handle(&mut self, m: Resolve, ctx: &mut Self::Context) -> Self::Result {
+        let now = self.ctx.clock.now_ms();
+        let last = self
+            .touched
+            .entry((m.upstream, m.repo.clone()))
+            .or_insert(0);
+        if now >= *last + 60_000 {
+            *last = now;
+            self.ctx.meta.do_send(TouchRepo {
+                upstream: self.ctx.name(m.upstream),
+                repo: m.repo.clone(),
+                now_ms: now,
+            });
+            if self.touched.len() > 100_000 {
+                self.touched.retain(|_, t| now < *t + 60_000);
+            }
+        }
         let key = (m.upstream, m.repo.clone(), m.reference.to_string());
         if let Some(shared) = self.inflight.get(&key) {
             return Box::pin(shared.clone());
@@ -247,12 +267,6 @@ impl Ctx {
         repo: &str,
         reference: &Reference,
     ) -> Result<ManifestAnswer, EngineError> {
-        // Feeds `manifest_max_idle`: a repository in use keeps its manifests.
-        self.meta.do_send(TouchRepo {
-            upstream: self.name(upstream),
-            repo: repo.into(),
-            now_ms: self.clock.now_ms(),
-        });
         match reference {
             Reference::Digest(d) => {
                 if let Some(rec) = self.cached(upstream, repo, d).await? {

@@ -9,8 +9,12 @@ use crate::error::UpstreamError;
 /// a slow disk slows the upstream read instead of filling memory.
 #[derive(Debug)]
 pub enum FillEvent {
-    Headers { total: Option<u64> },
-    Chunk(Bytes),
+    Headers {
+        total: Option<u64>,
+    },
+    /// Consecutive pieces of the body (what was buffered at once: sent together so the
+    /// receiver wakes per batch, without copying the pieces into one buffer).
+    Chunk(Vec<Bytes>),
     End,
     Failed(UpstreamError),
 }

@@ -19,7 +19,7 @@ use actix::prelude::*;
 use awc::http::{header, Method, StatusCode};
 use awc::ClientResponse;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use url::Url;
 
@@ -502,17 +502,48 @@ impl Conn {
         {
             return;
         }
-        loop {
-            let event = match tokio::time::timeout(self.settings.idle_timeout, resp.next()).await {
-                Ok(Some(Ok(chunk))) => FillEvent::Chunk(chunk),
-                Ok(Some(Err(e))) => FillEvent::Failed(self.protocol(format!("blob body: {e}"))),
-                Ok(None) => FillEvent::End,
-                Err(_) => FillEvent::Failed(self.timeout("while streaming a blob (idle)")),
-            };
-            let last = !matches!(event, FillEvent::Chunk(_));
-            if sink.send(event).await.is_err() || last {
+        // awc yields ~32 KiB pieces; whatever more is already buffered is sent along in one
+        // event (up to BATCH), so the fill writer and its readers wake per batch, not per
+        // piece. Nothing waits to fill a batch: the first byte is not delayed.
+        const BATCH: usize = 1024 * 1024;
+        let mut end: Option<FillEvent> = None;
+        while end.is_none() {
+            let mut pieces: Vec<Bytes> = Vec::new();
+            let mut size = 0;
+            match tokio::time::timeout(self.settings.idle_timeout, resp.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    size += chunk.len();
+                    pieces.push(chunk);
+                }
+                Ok(Some(Err(e))) => {
+                    end = Some(FillEvent::Failed(self.protocol(format!("blob body: {e}"))))
+                }
+                Ok(None) => end = Some(FillEvent::End),
+                Err(_) => {
+                    end = Some(FillEvent::Failed(
+                        self.timeout("while streaming a blob (idle)"),
+                    ))
+                }
+            }
+            while end.is_none() && size < BATCH {
+                match resp.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(more))) => {
+                        size += more.len();
+                        pieces.push(more);
+                    }
+                    Some(Some(Err(e))) => {
+                        end = Some(FillEvent::Failed(self.protocol(format!("blob body: {e}"))))
+                    }
+                    Some(None) => end = Some(FillEvent::End),
+                }
+            }
+            if !pieces.is_empty() && sink.send(FillEvent::Chunk(pieces)).await.is_err() {
                 return;
             }
+        }
+        if let Some(e) = end {
+            let _ = sink.send(e).await;
         }
     }
 
