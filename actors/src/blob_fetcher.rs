@@ -38,7 +38,9 @@ use crate::store::{self, BlobStore};
 use crate::upstream::UpstreamHandle;
 
 /// Bytes read from disk per chunk sent to a client.
-const READ_CHUNK: usize = 1024 * 1024;
+/// (Larger chunks raise single-stream throughput but also the memory each response holds:
+/// this chunk, one read ahead, and actix's write buffer.)
+const READ_CHUNK: usize = 512 * 1024;
 /// A fill publishes its progress at least this often while chunks are queued.
 const PUBLISH_EVERY: u64 = 1024 * 1024;
 /// Chunks buffered between the upstream reader and the fill writer.
@@ -200,6 +202,7 @@ impl BlobSource {
             end,
             done: false,
             writer_gone: false,
+            ahead: None,
         };
         Box::pin(futures_util::stream::unfold(reader, |mut r| async move {
             r.next_chunk().await.map(|c| (c, r))
@@ -224,6 +227,9 @@ struct BlobReader {
     end: Option<u64>,
     done: bool,
     writer_gone: bool,
+    /// The next chunk of a complete blob, already being read (position, length): the disk
+    /// read overlaps the socket write of the previous chunk.
+    ahead: Option<(u64, usize, tokio::task::JoinHandle<io::Result<Bytes>>)>,
 }
 
 impl BlobReader {
@@ -272,12 +278,24 @@ impl BlobReader {
                     if self.pos < limit {
                         let len = ((limit - self.pos) as usize).min(READ_CHUNK);
                         let pos = self.pos;
-                        let res =
-                            tokio::task::spawn_blocking(move || store::read_at(&file, pos, len))
-                                .await;
-                        return match res {
+                        let read = match self.ahead.take() {
+                            Some((p, l, h)) if p == pos && l == len => h,
+                            _ => {
+                                let f = file.clone();
+                                tokio::task::spawn_blocking(move || store::read_at(&f, pos, len))
+                            }
+                        };
+                        return match read.await {
                             Ok(Ok(b)) if !b.is_empty() => {
                                 self.pos += b.len() as u64;
+                                if complete && self.pos < limit {
+                                    let (p, l) =
+                                        (self.pos, ((limit - self.pos) as usize).min(READ_CHUNK));
+                                    let h = tokio::task::spawn_blocking(move || {
+                                        store::read_at(&file, p, l)
+                                    });
+                                    self.ahead = Some((p, l, h));
+                                }
                                 Some(Ok(b))
                             }
                             Ok(Ok(_)) => self.fail(io::Error::new(
@@ -914,7 +932,9 @@ impl FillWriter {
             loop {
                 match event {
                     Some(FillEvent::Chunk(pieces)) => {
-                        for b in pieces {
+                        // Write and publish first, hash after: readers stream this batch
+                        // while it is hashed (the last byte still waits for the digest).
+                        for b in &pieces {
                             if total.is_some_and(|t| written + b.len() as u64 > t) {
                                 let e = UpstreamError::Protocol {
                                     upstream: self.upstream_name.clone(),
@@ -922,11 +942,10 @@ impl FillWriter {
                                 };
                                 return g.fail(EngineError::Upstream(e));
                             }
-                            hasher.update(&b);
                             let res = if self.disk.injected() {
                                 Err(io::Error::from(io::ErrorKind::StorageFull))
                             } else {
-                                (&*file).write_all(&b)
+                                (&*file).write_all(b)
                             };
                             if let Err(e) = res {
                                 if store::is_disk_full(&e) {
@@ -937,10 +956,13 @@ impl FillWriter {
                                     .fail(EngineError::Storage(format!("writing to disk: {e}")));
                             }
                             written += b.len() as u64;
-                            if written - published >= PUBLISH_EVERY {
-                                publish(&g, written);
-                                published = written;
-                            }
+                        }
+                        if written - published >= PUBLISH_EVERY {
+                            publish(&g, written);
+                            published = written;
+                        }
+                        for b in &pieces {
+                            hasher.update(b);
                         }
                     }
                     Some(FillEvent::End) => break 'fill,
