@@ -44,7 +44,7 @@ const READ_CHUNK: usize = 512 * 1024;
 /// A fill publishes its progress at least this often while chunks are queued.
 const PUBLISH_EVERY: u64 = 1024 * 1024;
 /// Chunks buffered between the upstream reader and the fill writer.
-const FILL_CHANNEL: usize = 64;
+const FILL_CHANNEL: usize = 8;
 
 /// Progress of one fill, published by its writer.
 #[derive(Debug, Clone)]
