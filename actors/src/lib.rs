@@ -60,6 +60,7 @@ pub struct Engine {
     pub settings: Arc<EngineSettings>,
     /// The disk budget in force (configured, or computed at the first start).
     pub max_size: u64,
+    clock: Clock,
 }
 
 /// What `/readyz` reports.
@@ -169,9 +170,10 @@ impl Engine {
             upstreams,
             health.clone(),
             policy,
-            clock,
+            clock.clone(),
         );
         Ok(Engine {
+            clock,
             manifests,
             blobs,
             health,
@@ -228,7 +230,7 @@ impl Engine {
             ready: storage_writable && metadata_ok,
             storage_writable,
             metadata_ok,
-            disk_full: self.blobs.disk_full(Clock::system().now_ms()),
+            disk_full: self.blobs.disk_full(self.clock.now_ms()),
             storage,
             upstreams: self.health.snapshot(),
         }
