@@ -176,10 +176,6 @@ impl BlobSource {
         }
     }
 
-    pub fn is_cached(&self) -> bool {
-        matches!(self, BlobSource::Cached { .. })
-    }
-
     /// The bytes `start..end` (end exclusive; `None` = to the end). An error item means the
     /// body must not be completed: the HTTP layer aborts the connection.
     pub fn stream(
@@ -638,7 +634,30 @@ struct FillFinished {
 #[rtype(result = "HashMap<&'static str, u64>")]
 pub struct FillStats;
 
-/// A cached blob's record, plus whether the upstream asked for is known to serve it.
+/// A blob stored for another upstream is served through this one only once this upstream
+/// confirms it has it (a HEAD), so private content never leaks across upstreams; the
+/// confirmation is then remembered.
+async fn confirm_and_link(
+    meta: &Addr<Metadata>,
+    upstreams: &UpstreamHandle,
+    upstream_name: String,
+    upstream: usize,
+    repo: &str,
+    digest: &Digest,
+) -> Result<(), EngineError> {
+    upstreams
+        .head_blob(upstream, repo, digest)
+        .await
+        .map_err(|e| EngineError::from_upstream(e, &format!("blob {digest}")))?;
+    meta.send(LinkBlobs {
+        upstream: upstream_name,
+        digests: vec![digest.clone()],
+    })
+    .await??;
+    Ok(())
+}
+
+/// What the store holds for a blob: an open, verified file of the recorded size, or nothing.
 enum Lookup {
     Cached(Arc<File>, u64),
     Missing,
@@ -743,17 +762,7 @@ async fn lookup_cached(
         }
     };
     if !l.linked {
-        // Stored for another upstream: serve it here only if this upstream has it too, so
-        // private content never leaks across upstreams.
-        upstreams
-            .head_blob(upstream, &repo, &digest)
-            .await
-            .map_err(|e| EngineError::from_upstream(e, &format!("blob {digest}")))?;
-        meta.send(LinkBlobs {
-            upstream: upstream_name,
-            digests: vec![digest.clone()],
-        })
-        .await??;
+        confirm_and_link(&meta, &upstreams, upstream_name, upstream, &repo, &digest).await?;
     }
     meta.do_send(TouchBlob { digest, now_ms });
     Ok(Lookup::Cached(Arc::new(file), size))
@@ -786,17 +795,8 @@ impl Handler<StatBlob> for BlobFetcher {
             match l.record {
                 Some(rec) if l.linked => Ok(rec.size),
                 Some(rec) => {
-                    upstreams
-                        .head_blob(m.upstream, &m.repo, &m.digest)
-                        .await
-                        .map_err(|e| {
-                            EngineError::from_upstream(e, &format!("blob {}", m.digest))
-                        })?;
-                    meta.send(LinkBlobs {
-                        upstream: name,
-                        digests: vec![m.digest],
-                    })
-                    .await??;
+                    confirm_and_link(&meta, &upstreams, name, m.upstream, &m.repo, &m.digest)
+                        .await?;
                     Ok(rec.size)
                 }
                 None if down => Err(EngineError::UpstreamDown(name)),

@@ -45,13 +45,23 @@ async fn token_auth_and_cross_origin_redirects() {
 #[actix_rt::test]
 async fn upstream_401_becomes_404_never_a_challenge() {
     let up = FakeUpstream::start();
-    // The fake demands a token the pullcache token flow will get; simulate a refused repo
-    // by a repository the fake does not have under a token-protected upstream.
     up.knobs.require_token.store(true, Ordering::SeqCst);
+    up.add_image("private/app", "latest", &[data(45, 100)]);
     let pc = Pullcache::start(&up.url());
-    let (st, h, body) = get(&pc.url("/v2/library/ghost/manifests/latest"), &[]).await;
+    // The upstream answers 401 even after a fresh token (a private or missing repository):
+    // the client gets 404 NAME_UNKNOWN and never a challenge.
+    let (st, h, body) = get(&pc.url("/v2/private/app/manifests/latest"), &[]).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert!(header(&h, "www-authenticate").is_none());
+    assert_eq!(error_code(&body), "NAME_UNKNOWN");
+    assert!(
+        Counts::get(&up.counts.unauthorized) >= 2,
+        "the upstream did refuse, twice"
+    );
+    assert_eq!(Counts::get(&up.counts.manifest_get), 0);
+    // A repository the upstream simply lacks is 404 MANIFEST_UNKNOWN.
+    let (st, _, body) = get(&pc.url("/v2/library/ghost/manifests/latest"), &[]).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(error_code(&body), "MANIFEST_UNKNOWN");
 }
 
