@@ -58,6 +58,9 @@ pub struct ServerSettings {
     /// On SIGTERM/SIGINT: stop accepting, then give in-flight responses this long to finish.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_timeout: Duration,
+    /// Send cached blob bytes with `sendfile(2)` (page cache to socket, no copy through
+    /// pullcache). `false` reads and writes them like any other body.
+    pub zero_copy: bool,
 }
 
 impl Default for ServerSettings {
@@ -66,6 +69,7 @@ impl Default for ServerSettings {
             listen: "127.0.0.1:5000".into(),
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
+            zero_copy: true,
         }
     }
 }

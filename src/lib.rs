@@ -8,3 +8,4 @@ pub mod error;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod zerocopy;

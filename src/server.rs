@@ -1,23 +1,39 @@
 //! Starting pullcache: the engine's actors first (once per process), then the HTTP server
 //! whose workers share their handles.
+//!
+//! The server is actix-web's `App` on actix-http's HTTP/1 service, as `HttpServer` would
+//! build it, except that each accepted socket is wrapped in a [`ConnIo`] so that blob bodies
+//! can be sent with `sendfile` (see [`crate::zerocopy`]).
 
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use actix_web::dev::{Server, Service};
+use actix_http::{HttpService, Protocol};
+use actix_server::Server;
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{AppConfig, Service};
 use actix_web::middleware::DefaultHeaders;
-use actix_web::{web, App, HttpServer};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App};
 use futures_util::FutureExt;
 use pullcache_actors::{Clock, Engine};
 
 use crate::config::Config;
 use crate::routes::{self, AppState, Router};
+use crate::zerocopy::ConnIo;
+
+/// Pending connections the kernel queues for us (actix-web's default).
+const BACKLOG: i32 = 1024;
 
 /// A started pullcache: the HTTP server (await it to run until a signal) and its engine.
 pub struct Running {
     pub server: Server,
     pub addrs: Vec<SocketAddr>,
     pub engine: Engine,
+    /// Bytes sent with `sendfile` (blob bodies that never passed through user space).
+    pub zero_copy_bytes: Arc<AtomicU64>,
 }
 
 /// Starts the engine and binds the HTTP server. Must be called inside an actix `System`.
@@ -34,7 +50,7 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
             .unwrap_or(2),
         n => n,
     };
-    let mut server = HttpServer::new(move || {
+    let app = move || {
         App::new()
             .app_data(state.clone())
             .wrap(DefaultHeaders::new().add(("Docker-Distribution-API-Version", "registry/2.0")))
@@ -56,22 +72,83 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                 })
             })
             .configure(routes::configure)
-    })
-    .workers(workers)
-    .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));
+    };
+    let listen = &config.server.listen;
+    let lst = bind(listen).map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
+    let addr = lst
+        .local_addr()
+        .map_err(|e| format!("server.listen: {e}"))?;
+    let mut builder = Server::build()
+        .workers(workers)
+        .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));
     if !handle_signals {
-        server = server.disable_signals();
+        builder = builder.disable_signals();
     }
-    let server = server.bind(&config.server.listen).map_err(|e| {
-        format!(
-            "server.listen: cannot listen on {}: {e}",
-            config.server.listen
-        )
-    })?;
-    let addrs = server.addrs();
+    let shutdown = builder.graceful_shutdown_signal();
+    let zero_copy = config.server.zero_copy && cfg!(target_os = "linux");
+    let zero_copy_bytes = Arc::new(AtomicU64::new(0));
+    let counter = zero_copy_bytes.clone();
+    let builder = builder
+        .listen("pullcache", lst, move || {
+            let shutdown = shutdown.clone();
+            let counter = counter.clone();
+            let http = HttpService::<ConnIo, _, _, _, _>::build()
+                .graceful_shutdown_signal(move || {
+                    let s = shutdown.clone();
+                    async move { s.notified().await }
+                })
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(addr)
+                .on_connect_ext(move |io: &ConnIo, ext| {
+                    if zero_copy {
+                        ext.insert(io.slot());
+                    }
+                })
+                .finish(map_config(
+                    app().into_factory().map_err(|e| e.error_response()),
+                    // The app does not build URLs from its host or address.
+                    |_| AppConfig::default(),
+                ));
+            fn_service(move |io: TcpStream| {
+                let counter = counter.clone();
+                async move {
+                    // The response head and a small body are separate writes on the sendfile
+                    // path: do not let Nagle hold the second one back.
+                    let _ = io.set_nodelay(true);
+                    let peer = io.peer_addr().ok();
+                    Ok::<_, actix_http::error::DispatchError>((
+                        ConnIo::new(io, counter),
+                        Protocol::Http1,
+                        peer,
+                    ))
+                }
+            })
+            .and_then(http)
+        })
+        .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
     Ok(Running {
-        server: server.run(),
-        addrs,
+        server: builder.run(),
+        addrs: vec![addr],
         engine,
+        zero_copy_bytes,
     })
+}
+
+/// A listening socket for `listen` (the first address it resolves to that can be bound).
+fn bind(listen: &str) -> std::io::Result<std::net::TcpListener> {
+    let mut last = None;
+    for addr in listen.to_socket_addrs()? {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        let _ = sock.set_reuse_address(true);
+        match sock.bind(&addr.into()).and_then(|()| sock.listen(BACKLOG)) {
+            Ok(()) => return Ok(sock.into()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no address to listen on")))
 }

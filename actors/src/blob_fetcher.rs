@@ -207,18 +207,23 @@ impl BlobSource {
                 r.next_chunk().await.map(|c| (c, r))
             }));
         }
-        ACTIVE_READERS.fetch_add(1, Ordering::Relaxed);
         let reader = BlobReader {
-            src: self,
-            pos: start,
-            end,
-            done: false,
-            writer_gone: false,
+            regions: BlobRegions::new(self, start, end),
             ahead: None,
+            _active: ActiveReader::new(),
         };
         Box::pin(futures_util::stream::unfold(reader, |mut r| async move {
             r.next_chunk().await.map(|c| (c, r))
         }))
+    }
+
+    /// The bytes `start..end` as regions of the blob's file, for a zero-copy sender
+    /// (`sendfile`). `Err(self)` for a [`BlobSource::Direct`] stream, which has no file.
+    pub fn regions(self, start: u64, end: Option<u64>) -> Result<BlobRegions, BlobSource> {
+        if matches!(self, BlobSource::Direct { .. }) {
+            return Err(self);
+        }
+        Ok(BlobRegions::new(self, start, end))
     }
 }
 
@@ -233,24 +238,42 @@ enum View {
     Fail(io::Error),
 }
 
-struct BlobReader {
+/// A readable, verified-or-releasable part of a blob's file.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: usize,
+    /// The whole blob is on disk (stored, or its download verified): the region can be
+    /// read ahead of time, and `more` bytes after it are readable at once.
+    pub complete: bool,
+    /// Bytes readable right after this region without waiting.
+    pub more: u64,
+}
+
+/// Walks `start..end` of a blob as regions of its file: everything at once for a stored
+/// blob; for a download, what the writer has published (minus the byte held back until the
+/// digest is verified), waiting for more with the download's timeout. An error means the
+/// body must not be completed (the download failed, was abandoned or stalled).
+pub struct BlobRegions {
     src: BlobSource,
     pos: u64,
     end: Option<u64>,
     done: bool,
     writer_gone: bool,
-    /// The next chunk of a complete blob, already being read (position, length): the disk
-    /// read overlaps the socket write of the previous chunk.
-    ahead: Option<(u64, usize, tokio::task::JoinHandle<io::Result<Bytes>>)>,
 }
 
-impl Drop for BlobReader {
-    fn drop(&mut self) {
-        ACTIVE_READERS.fetch_sub(1, Ordering::Relaxed);
+impl BlobRegions {
+    fn new(src: BlobSource, start: u64, end: Option<u64>) -> Self {
+        BlobRegions {
+            src,
+            pos: start,
+            end,
+            done: false,
+            writer_gone: false,
+        }
     }
-}
 
-impl BlobReader {
     fn view(&mut self) -> View {
         match &mut self.src {
             BlobSource::Cached { file, size } => View::Read {
@@ -280,7 +303,8 @@ impl BlobReader {
         }
     }
 
-    async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
+    /// The next region of at most `max` bytes; `None` at the end.
+    pub async fn next(&mut self, max: usize) -> Option<io::Result<Region>> {
         if self.done {
             return None;
         }
@@ -294,35 +318,16 @@ impl BlobReader {
                 } => {
                     let limit = self.end.map_or(avail, |e| e.min(avail));
                     if self.pos < limit {
-                        let len = ((limit - self.pos) as usize).min(read_chunk());
-                        let pos = self.pos;
-                        let read = match self.ahead.take() {
-                            Some((p, l, h)) if p == pos && l == len => h,
-                            _ => {
-                                let f = file.clone();
-                                tokio::task::spawn_blocking(move || store::read_at(&f, pos, len))
-                            }
-                        };
-                        return match read.await {
-                            Ok(Ok(b)) if !b.is_empty() => {
-                                self.pos += b.len() as u64;
-                                if complete && self.pos < limit {
-                                    let (p, l) =
-                                        (self.pos, ((limit - self.pos) as usize).min(read_chunk()));
-                                    let h = tokio::task::spawn_blocking(move || {
-                                        store::read_at(&file, p, l)
-                                    });
-                                    self.ahead = Some((p, l, h));
-                                }
-                                Some(Ok(b))
-                            }
-                            Ok(Ok(_)) => self.fail(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "blob file shorter than recorded",
-                            )),
-                            Ok(Err(e)) => self.fail(e),
-                            Err(e) => self.fail(io::Error::other(e.to_string())),
-                        };
+                        let len = ((limit - self.pos) as usize).min(max.max(1));
+                        let offset = self.pos;
+                        self.pos += len as u64;
+                        return Some(Ok(Region {
+                            file,
+                            offset,
+                            len,
+                            complete,
+                            more: limit - self.pos,
+                        }));
                     }
                     if complete || self.end.is_some_and(|e| self.pos >= e) {
                         self.done = true;
@@ -352,9 +357,72 @@ impl BlobReader {
         }
     }
 
-    fn fail(&mut self, e: io::Error) -> Option<Result<Bytes, io::Error>> {
+    /// Ends the walk with `e` (a reader that finds the file short calls this too).
+    pub fn fail<T>(&mut self, e: io::Error) -> Option<io::Result<T>> {
         self.done = true;
         Some(Err(e))
+    }
+}
+
+/// Streams a blob's bytes by reading its file (the copying path, for connections that
+/// cannot use `sendfile`).
+struct BlobReader {
+    regions: BlobRegions,
+    /// The next chunk of a complete blob, already being read (position, length): the disk
+    /// read overlaps the socket write of the previous chunk.
+    ahead: Option<(u64, usize, tokio::task::JoinHandle<io::Result<Bytes>>)>,
+    _active: ActiveReader,
+}
+
+impl BlobReader {
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
+        let r = match self.regions.next(read_chunk()).await? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let read = match self.ahead.take() {
+            Some((p, l, h)) if p == r.offset && l == r.len => h,
+            _ => {
+                let (f, pos, len) = (r.file.clone(), r.offset, r.len);
+                tokio::task::spawn_blocking(move || store::read_at(&f, pos, len))
+            }
+        };
+        match read.await {
+            Ok(Ok(b)) if b.len() == r.len => {
+                if r.complete && r.more > 0 {
+                    let (p, l) = (r.offset + r.len as u64, (r.more as usize).min(read_chunk()));
+                    let f = r.file;
+                    self.ahead = Some((
+                        p,
+                        l,
+                        tokio::task::spawn_blocking(move || store::read_at(&f, p, l)),
+                    ));
+                }
+                Some(Ok(b))
+            }
+            Ok(Ok(_)) => self.regions.fail(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file shorter than recorded",
+            )),
+            Ok(Err(e)) => self.regions.fail(e),
+            Err(e) => self.regions.fail(io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// Counts a copying reader as active while it exists (chooses the chunk size).
+struct ActiveReader;
+
+impl ActiveReader {
+    fn new() -> Self {
+        ACTIVE_READERS.fetch_add(1, Ordering::Relaxed);
+        ActiveReader
+    }
+}
+
+impl Drop for ActiveReader {
+    fn drop(&mut self) {
+        ACTIVE_READERS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-pub use blob_fetcher::{BlobSource, BlobsHandle};
+pub use blob_fetcher::{BlobRegions, BlobSource, BlobsHandle, Region};
 pub use clock::Clock;
 pub use digest::Digest;
 pub use error::{EngineError, UpstreamError};

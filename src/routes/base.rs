@@ -4,14 +4,14 @@ use actix_web::{web, HttpResponse};
 
 use super::AppState;
 
-use super::manifest::SizedEmpty;
+use super::manifest::head_response;
 
 /// 200 `{}`: pullcache does not authenticate its clients, so it never challenges.
 pub fn version_check(head: bool) -> HttpResponse {
     let mut r = HttpResponse::Ok();
     r.content_type("application/json");
     if head {
-        r.body(SizedEmpty(2))
+        head_response(&mut r, 2)
     } else {
         r.body("{}")
     }

@@ -8,9 +8,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use pullcache_actors::reference::ReferenceError;
 use pullcache_actors::Digest;
 
-use super::manifest::SizedEmpty;
+use super::manifest::head_response;
 use super::{AppState, Routed};
 use crate::error::ApiError;
+use crate::zerocopy::{sendfile_body, SlotRef};
+
+/// Bodies smaller than this are copied: one write with the head beats a second syscall.
+const ZERO_COPY_MIN: u64 = 16 * 1024;
 
 pub async fn serve(
     req: &HttpRequest,
@@ -32,7 +36,7 @@ pub async fn serve(
             .blobs
             .stat(routed.upstream, &routed.repo, &digest)
             .await?;
-        return Ok(r.body(SizedEmpty(size)));
+        return Ok(head_response(&mut r, size));
     }
     let range = req
         .headers()
@@ -50,28 +54,39 @@ pub async fn serve(
         (Some(_), None) => Some(src.complete_size().await?),
         (_, size) => size,
     };
-    match (range, size) {
+    let (status, start, end) = match (range, size) {
         (Some(range), Some(size)) => match range.resolve(size) {
             Some((start, end)) => {
-                r.status(StatusCode::PARTIAL_CONTENT).insert_header((
+                r.insert_header((
                     header::CONTENT_RANGE,
                     format!("bytes {start}-{}/{size}", end - 1),
                 ));
-                Ok(r.body(SizedStream::new(
-                    end - start,
-                    Box::pin(src.stream(start, Some(end))),
-                )))
+                (StatusCode::PARTIAL_CONTENT, start, end)
             }
             None => {
                 r.status(StatusCode::RANGE_NOT_SATISFIABLE)
                     .insert_header((header::CONTENT_RANGE, format!("bytes */{size}")));
-                Ok(r.finish())
+                return Ok(r.finish());
             }
         },
-        (_, Some(size)) => Ok(r.body(SizedStream::new(size, Box::pin(src.stream(0, None))))),
+        (_, Some(size)) => (StatusCode::OK, 0, size),
         // Upstream sent no length: stream chunked.
-        (_, None) => Ok(r.body(BodyStream::new(Box::pin(src.stream(0, None))))),
-    }
+        (_, None) => return Ok(r.body(BodyStream::new(src.stream(0, None)))),
+    };
+    r.status(status);
+    let len = end - start;
+    // Zero-copy when the connection can (plain TCP) and the body is worth two syscalls.
+    let src = match req.conn_data::<SlotRef>() {
+        Some(slot) if len >= ZERO_COPY_MIN => match src.regions(start, Some(end)) {
+            Ok(regions) => {
+                r.no_chunking(len);
+                return Ok(r.body(BodyStream::new(sendfile_body(slot.clone(), regions))));
+            }
+            Err(src) => src,
+        },
+        _ => src,
+    };
+    Ok(r.body(SizedStream::new(len, src.stream(start, Some(end)))))
 }
 
 /// One `bytes=` range. Several ranges, other units or bad syntax: `None` (the whole blob is

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use bytes::Bytes;
 use oci_spec::distribution::ErrorCode;
 use pullcache_actors::Reference;
@@ -62,7 +62,7 @@ pub async fn serve(
         return Ok(r.finish());
     }
     Ok(if head {
-        r.body(SizedEmpty(answer.bytes.len() as u64))
+        head_response(&mut r, answer.bytes.len() as u64)
     } else {
         r.body(answer.bytes)
     })
@@ -92,15 +92,24 @@ pub fn accepts(headers: &[&str], media_type: &str) -> bool {
     })
 }
 
-/// A body that declares a length but has no bytes: what a HEAD response carries, so that
-/// `Content-Length` is the real size of the GET body (actix never writes a HEAD body).
-pub struct SizedEmpty(pub u64);
+/// A HEAD response: `Content-Length` is the size of the GET body, and there is no body.
+///
+/// The length is a header on a length-delimited stream with no bytes rather than a sized
+/// body: actix-http encodes a response with the HEAD/GET flag of the newest request it has
+/// parsed, so a HEAD answered while a pipelined GET is already parsed would otherwise be
+/// framed as a GET with a body that never comes. This way it is right in both cases.
+pub fn head_response(r: &mut HttpResponseBuilder, len: u64) -> HttpResponse {
+    r.no_chunking(len).body(NoBytes)
+}
 
-impl MessageBody for SizedEmpty {
+/// An unsized body without bytes (see [`head_response`]).
+pub struct NoBytes;
+
+impl MessageBody for NoBytes {
     type Error = std::convert::Infallible;
 
     fn size(&self) -> BodySize {
-        BodySize::Sized(self.0)
+        BodySize::Stream
     }
 
     fn poll_next(

@@ -10,3 +10,4 @@ mod blobs;
 mod cache_policy;
 mod manifests;
 mod restart;
+mod zero_copy;

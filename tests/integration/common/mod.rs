@@ -15,7 +15,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use bytes::Bytes;
 use pullcache::config::Config;
-use pullcache::routes::manifest::SizedEmpty;
+use pullcache::routes::manifest::head_response;
 use pullcache::routes::{parse_endpoint, Endpoint};
 use pullcache_actors::{Clock, UpstreamSettings};
 use sha2::{Digest as _, Sha256};
@@ -361,7 +361,7 @@ async fn registry(req: HttpRequest, s: web::Data<Shared>) -> HttpResponse {
                 r.insert_header(("Docker-Content-Digest", digest));
             }
             if head {
-                r.body(SizedEmpty(bytes.len() as u64))
+                head_response(&mut r, bytes.len() as u64)
             } else {
                 r.body(bytes)
             }
@@ -378,7 +378,7 @@ async fn registry(req: HttpRequest, s: web::Data<Shared>) -> HttpResponse {
                 return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
             };
             if head {
-                return HttpResponse::Ok().body(SizedEmpty(bytes.len() as u64));
+                return head_response(&mut HttpResponse::Ok(), bytes.len() as u64);
             }
             s.counts.blob_get.fetch_add(1, Ordering::SeqCst);
             if s.knobs.redirect_blobs.load(Ordering::SeqCst) {
@@ -483,6 +483,8 @@ pub struct Pullcache {
     pub clock: Clock,
     pub handle: actix_web::dev::ServerHandle,
     pub engine: pullcache_actors::Engine,
+    /// Bytes the server sent with sendfile.
+    pub zero_copy_bytes: std::sync::Arc<AtomicU64>,
 }
 
 pub fn upstream(name: &str, url: &str, default: bool, prefix: Option<&str>) -> UpstreamSettings {
@@ -535,6 +537,7 @@ impl Pullcache {
             clock,
             handle,
             engine: running.engine,
+            zero_copy_bytes: running.zero_copy_bytes,
         }
     }
 
