@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -960,6 +960,53 @@ impl FillGuard {
     }
 }
 
+/// The digest of a fill, computed on a thread of its own from the batches the writer has
+/// written (shared `Bytes`, not copies). Bounded: a slow hasher slows the writer down.
+struct HashThread {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Bytes>>>,
+    thread: Option<std::thread::JoinHandle<Digest>>,
+}
+
+impl HashThread {
+    fn start(digest: &Digest) -> HashThread {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(FILL_CHANNEL);
+        let mut h = Hasher::new(digest.algorithm());
+        let thread = std::thread::Builder::new()
+            .name(format!("hash-{}", &digest.hex()[..10]))
+            .spawn(move || {
+                for batch in rx {
+                    for b in &batch {
+                        h.update(b);
+                    }
+                }
+                h.finish()
+            })
+            .ok();
+        HashThread {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    /// `false` if the thread is gone.
+    fn feed(&self, batch: Vec<Bytes>) -> bool {
+        self.thread.is_some() && self.tx.as_ref().is_some_and(|tx| tx.send(batch).is_ok())
+    }
+
+    /// The digest of everything fed; `None` if the thread died.
+    fn finish(mut self) -> Option<Digest> {
+        self.tx.take();
+        self.thread.take()?.join().ok()
+    }
+}
+
+impl Drop for HashThread {
+    fn drop(&mut self) {
+        // A failed fill: close the channel so the thread ends (it is not waited for).
+        self.tx.take();
+    }
+}
+
 impl FillWriter {
     fn run(self, mut events: mpsc::Receiver<FillEvent>, state: watch::Sender<FillState>) {
         let digest = self.key.1.clone();
@@ -1005,7 +1052,9 @@ impl FillWriter {
             total,
             written: 0,
         });
-        let mut hasher = Hasher::new(digest.algorithm());
+        // Hashing runs on its own thread, beside the disk writes: the fill keeps pace with
+        // whichever of the two is slower instead of their sum.
+        let hasher = HashThread::start(&digest);
         let mut written: u64 = 0;
         let mut published: u64 = 0;
         let publish = |g: &FillGuard, written: u64| {
@@ -1022,37 +1071,35 @@ impl FillWriter {
             loop {
                 match event {
                     Some(FillEvent::Chunk(pieces)) => {
-                        // Write and publish first, hash after: readers stream this batch
-                        // while it is hashed (the last byte still waits for the digest).
-                        for b in &pieces {
-                            if total.is_some_and(|t| written + b.len() as u64 > t) {
-                                let e = UpstreamError::Protocol {
-                                    upstream: self.upstream_name.clone(),
-                                    detail: "more bytes than Content-Length".into(),
-                                };
-                                return g.fail(EngineError::Upstream(e));
-                            }
-                            let res = if self.disk.injected() {
-                                Err(io::Error::from(io::ErrorKind::StorageFull))
-                            } else {
-                                (&*file).write_all(b)
+                        // Written and published, then handed to the hasher: readers stream
+                        // this batch while it is hashed (the last byte waits for the digest).
+                        let len: u64 = pieces.iter().map(|b| b.len() as u64).sum();
+                        if total.is_some_and(|t| written + len > t) {
+                            let e = UpstreamError::Protocol {
+                                upstream: self.upstream_name.clone(),
+                                detail: "more bytes than Content-Length".into(),
                             };
-                            if let Err(e) = res {
-                                if store::is_disk_full(&e) {
-                                    return self.disk_full(&mut g, &e.to_string());
-                                }
-                                tracing::error!(error = %e, digest = %digest, "writing a download to disk failed");
-                                return g
-                                    .fail(EngineError::Storage(format!("writing to disk: {e}")));
-                            }
-                            written += b.len() as u64;
+                            return g.fail(EngineError::Upstream(e));
                         }
+                        let res = if self.disk.injected() {
+                            Err(io::Error::from(io::ErrorKind::StorageFull))
+                        } else {
+                            store::write_all_vectored(&file, &pieces)
+                        };
+                        if let Err(e) = res {
+                            if store::is_disk_full(&e) {
+                                return self.disk_full(&mut g, &e.to_string());
+                            }
+                            tracing::error!(error = %e, digest = %digest, "writing a download to disk failed");
+                            return g.fail(EngineError::Storage(format!("writing to disk: {e}")));
+                        }
+                        written += len;
                         if written - published >= PUBLISH_EVERY {
                             publish(&g, written);
                             published = written;
                         }
-                        for b in &pieces {
-                            hasher.update(b);
+                        if !hasher.feed(pieces) {
+                            return g.fail(EngineError::Storage("the hashing thread died".into()));
                         }
                     }
                     Some(FillEvent::End) => break 'fill,
@@ -1082,7 +1129,9 @@ impl FillWriter {
             };
             return g.fail(EngineError::Upstream(e));
         }
-        let actual = hasher.finish();
+        let Some(actual) = hasher.finish() else {
+            return g.fail(EngineError::Storage("the hashing thread died".into()));
+        };
         if actual != digest {
             tracing::error!(expected = %digest, actual = %actual, upstream = %self.upstream_name, "upstream blob does not match its digest; discarded");
             return g.fail(EngineError::DigestMismatch {
