@@ -47,13 +47,14 @@ WRK_S = env_int("BENCH_WRK_SECONDS", 10)
 WRK_C = env_int("BENCH_WRK_CONNECTIONS", 64)
 MID_CLIENTS = env_int("BENCH_MID_CLIENTS", 16)
 WARM_CLIENTS = 4
+MANY_CLIENTS = env_int("BENCH_MANY_CLIENTS", 100)
 STARTUP_BLOBS = env_int("BENCH_STARTUP_BLOBS", 100000)
 PORT_BASE = env_int("BENCH_PORT_BASE", 36000)
 BUDGET = env_int("BENCH_BUDGET", 2400)
 KEEP_WORK = os.environ.get("KEEP_WORK") == "1"
 SECTIONS = set(
     s.strip()
-    for s in os.environ.get("BENCH_SECTIONS", "pulls,burst,manifests,startup").split(",")
+    for s in os.environ.get("BENCH_SECTIONS", "pulls,burst,manifests,many,startup").split(",")
     if s.strip()
 )
 PULLCACHE_BIN = os.environ.get("PULLCACHE_BIN", "")
@@ -1188,6 +1189,37 @@ default = true
             f.write(c.replace(f'root = "{root}"', f'root = "{os.path.join(d, "empty")}"'))
         self.startup["empty_store"] = one("empty store (reference)", reconcile_timeout=30)
 
+    def many(self, s):
+        """MANY_CLIENTS concurrent warm pulls of the big blob: peak RSS (nothing may be
+        buffered whole) and the aggregate rate. Once per system, after the repetitions."""
+        srv = self.servers[s]
+        img = self.images["big"]
+        size = img["layer"]["size"]
+        path = self.blob_path("big")
+        srv.ensure()
+        if s != "static":
+            # warm (the pulls section leaves it cached; without it, this fills the cache)
+            curl_pulls(srv.port, path, 1)
+            self.settle(srv)
+        c0 = cpu_ticks(srv.pids())
+        with RssSampler(srv.pids) as rss:
+            wall, res = curl_pulls(srv.port, path, MANY_CLIENTS)
+        cpu = (cpu_ticks(srv.pids()) - c0) / TICK
+        ok = sum(1 for r in res if r[0] == 200 and r[2] == size)
+        if ok != MANY_CLIENTS:
+            self.anomaly(s, "many warm pulls", f"{ok}/{MANY_CLIENTS} clients got the whole blob: "
+                         f"{[(r[0], r[2]) for r in res if not (r[0] == 200 and r[2] == size)][:4]}")
+        good = ok == MANY_CLIENTS
+        self.add("many_peak_rss_mib", s, rss.peak_kb / 1024)
+        self.add("many_mbps", s, MANY_CLIENTS * size / wall / 1e6 if good else None)
+        self.add("many_cpu_per_gib", s, cpu / (MANY_CLIENTS * size / GIB) if good else None)
+        self.extra.append({"figure": "many", "system": s, "wall_s": wall, "cpu_s": cpu,
+                           "peak_rss_kb": rss.peak_kb, "rss_samples": rss.samples,
+                           "ok": ok, "clients": MANY_CLIENTS})
+        log(f"  {s:12s} {MANY_CLIENTS} warm pulls of {BIG_MB} MiB: {wall:.1f}s, "
+            f"{MANY_CLIENTS * size / wall / 1e6:.0f} MB/s, peak RSS {rss.peak_kb / 1024:.0f} MiB, "
+            f"ok {ok}")
+
     def only(self, s):
         """Stops the caches other than s: nothing else talks to the upstream (pullcache
         pings it for health) or takes CPU while s is measured. Upstream and the static
@@ -1214,6 +1246,12 @@ default = true
                     self.pulls(s, rep)
                 if "manifests" in SECTIONS:
                     self.manifests(s, rep)
+        if "many" in SECTIONS:
+            log(f"=== {MANY_CLIENTS} concurrent warm pulls")
+            for s in CACHES + ["static"]:
+                check_budget()
+                self.only(s)
+                self.many(s)
         for s in ALL_SYSTEMS:
             self.servers[s].stop()
         if "startup" in SECTIONS:
@@ -1235,6 +1273,9 @@ FIGURES = [
     ("warm_cpu_per_gib", "warm pulls: server CPU s per GiB served", "down"),
     ("warm4_peak_rss_mib", f"peak RSS during the {WARM_CLIENTS}-client warm pull, MiB", "down"),
     ("idle_rss_mib", "idle RSS 2 s after it, MiB", "down"),
+    ("many_peak_rss_mib", f"peak RSS during {MANY_CLIENTS} concurrent warm pulls of the {BIG_MB} MiB blob, MiB", "down"),
+    ("many_mbps", f"  same: aggregate MB/s", "up"),
+    ("many_cpu_per_gib", f"  same: server CPU s per GiB served", "down"),
     ("burst_wall_s", f"{MID_CLIENTS} concurrent cold pulls of the {MID_MB} MiB blob: wall s", "down"),
     ("burst_ttfb_max_ms", "  same: slowest client's time to first byte, ms", "down"),
     ("burst_upstream_gets", "  same: upstream blob GETs", "down"),
