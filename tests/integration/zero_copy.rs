@@ -224,3 +224,47 @@ async fn a_get_followed_by_a_pipelined_head_closes_instead_of_hanging() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(body.unwrap(), a);
 }
+
+/// Clients that go away in the middle of a sendfile body (a reset, a close after a few
+/// bytes) cost nothing but their connection: the next requests are served whole.
+#[actix_rt::test]
+async fn clients_leaving_mid_body_do_not_disturb_the_server() {
+    let up = FakeUpstream::start();
+    let a = data(78, 8 * 1024 * 1024);
+    let da = up.add_blob(&a);
+    let pc = Pullcache::start(&up.url());
+    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
+    let (st, _, _) = get(&url, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for(|| pc.blob_path(&da).exists()).await;
+    let addr = pc.base.trim_start_matches("http://").to_string();
+    let wire = format!("GET /v2/library/x/blobs/{da} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    actix_web::rt::task::spawn_blocking(move || {
+        for i in 0..20 {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(wire.as_bytes()).unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            // Read a little (or nothing), then go away; every other one with a reset.
+            for _ in 0..(i % 4) {
+                let _ = s.read(&mut buf);
+            }
+            if i % 2 == 0 {
+                let _ = socket_linger_zero(&s);
+            }
+            drop(s);
+        }
+    })
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let (st, _, body) = get(&url, &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(sha256(&body.unwrap()), da);
+    }
+}
+
+/// SO_LINGER 0: closing sends a reset instead of a FIN.
+fn socket_linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
+    rustix::net::sockopt::set_socket_linger(s, Some(std::time::Duration::ZERO))
+        .map_err(std::io::Error::from)
+}
