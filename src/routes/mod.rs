@@ -28,7 +28,10 @@ pub struct AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     // Registered before the catch-all: `_health` cannot be a repository name.
     cfg.service(web::resource(["/readyz", "/v2/_health"]).route(web::get().to(base::readiness)))
-        .service(web::resource(["/v2", "/v2/{tail:.*}"]).route(web::route().to(dispatch)))
+        // A scope (a literal prefix match), not a `{tail:.*}` pattern: actix matches those
+        // with a regex over the whole path on every request, which was a quarter of the CPU
+        // of a cached manifest request by digest.
+        .service(web::scope("/v2").default_service(web::to(dispatch)))
         .service(
             web::resource("/healthz")
                 .route(web::get().to(base::healthz))
