@@ -6,7 +6,6 @@
 //! can be sent with `sendfile` (see [`crate::zerocopy`]).
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use pullcache_actors::{Clock, Engine};
 
 use crate::config::Config;
 use crate::routes::{self, AppState, Router};
-use crate::zerocopy::ConnIo;
+use crate::zerocopy::{ConnIo, ZeroCopy};
 
 /// Pending connections the kernel queues for us (actix-web's default).
 const BACKLOG: i32 = 1024;
@@ -32,8 +31,8 @@ pub struct Running {
     pub server: Server,
     pub addrs: Vec<SocketAddr>,
     pub engine: Engine,
-    /// Bytes sent with `sendfile` (blob bodies that never passed through user space).
-    pub zero_copy_bytes: Arc<AtomicU64>,
+    /// Blob bodies sent with `sendfile`: bytes sent, whether it still works.
+    pub zero_copy: Arc<ZeroCopy>,
 }
 
 /// Starts the engine and binds the HTTP server. Must be called inside an actix `System`.
@@ -74,10 +73,8 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
             .configure(routes::configure)
     };
     let listen = &config.server.listen;
-    let lst = bind(listen).map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
-    let addr = lst
-        .local_addr()
-        .map_err(|e| format!("server.listen: {e}"))?;
+    let listeners =
+        bind(listen).map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
     let mut builder = Server::build()
         .workers(workers)
         .shutdown_timeout(config.server.shutdown_timeout.as_secs().max(1));
@@ -86,58 +83,68 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
     }
     let shutdown = builder.graceful_shutdown_signal();
     let zero_copy = config.server.zero_copy && cfg!(target_os = "linux");
-    let zero_copy_bytes = Arc::new(AtomicU64::new(0));
-    let counter = zero_copy_bytes.clone();
-    let builder = builder
-        .listen("pullcache", lst, move || {
-            let shutdown = shutdown.clone();
-            let counter = counter.clone();
-            let http = HttpService::<ConnIo, _, _, _, _>::build()
-                .graceful_shutdown_signal(move || {
-                    let s = shutdown.clone();
-                    async move { s.notified().await }
-                })
-                .client_request_timeout(Duration::from_secs(5))
-                .client_disconnect_timeout(Duration::from_secs(1))
-                .local_addr(addr)
-                .on_connect_ext(move |io: &ConnIo, ext| {
-                    if zero_copy {
-                        ext.insert(io.slot());
+    let shared = Arc::new(ZeroCopy::default());
+    let mut addrs = Vec::new();
+    for lst in listeners {
+        let addr = lst
+            .local_addr()
+            .map_err(|e| format!("server.listen: {e}"))?;
+        addrs.push(addr);
+        let (shutdown, counter, app) = (shutdown.clone(), shared.clone(), app.clone());
+        builder = builder
+            .listen(format!("pullcache-{addr}"), lst, move || {
+                let shutdown = shutdown.clone();
+                let counter = counter.clone();
+                let http = HttpService::<ConnIo, _, _, _, _>::build()
+                    .graceful_shutdown_signal(move || {
+                        let s = shutdown.clone();
+                        async move { s.notified().await }
+                    })
+                    .client_request_timeout(Duration::from_secs(5))
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .local_addr(addr)
+                    .on_connect_ext(move |io: &ConnIo, ext| {
+                        if zero_copy {
+                            ext.insert(io.slot());
+                        }
+                    })
+                    .finish(map_config(
+                        app().into_factory().map_err(|e| e.error_response()),
+                        // The app does not build URLs from its host or address.
+                        |_| AppConfig::default(),
+                    ));
+                fn_service(move |io: TcpStream| {
+                    let counter = counter.clone();
+                    async move {
+                        // The response head and a small body are separate writes on the
+                        // sendfile path: do not let Nagle hold the second one back.
+                        let _ = io.set_nodelay(true);
+                        let peer = io.peer_addr().ok();
+                        Ok::<_, actix_http::error::DispatchError>((
+                            ConnIo::new(io, counter),
+                            Protocol::Http1,
+                            peer,
+                        ))
                     }
                 })
-                .finish(map_config(
-                    app().into_factory().map_err(|e| e.error_response()),
-                    // The app does not build URLs from its host or address.
-                    |_| AppConfig::default(),
-                ));
-            fn_service(move |io: TcpStream| {
-                let counter = counter.clone();
-                async move {
-                    // The response head and a small body are separate writes on the sendfile
-                    // path: do not let Nagle hold the second one back.
-                    let _ = io.set_nodelay(true);
-                    let peer = io.peer_addr().ok();
-                    Ok::<_, actix_http::error::DispatchError>((
-                        ConnIo::new(io, counter),
-                        Protocol::Http1,
-                        peer,
-                    ))
-                }
+                .and_then(http)
             })
-            .and_then(http)
-        })
-        .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
+            .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
+    }
     Ok(Running {
         server: builder.run(),
-        addrs: vec![addr],
+        addrs,
         engine,
-        zero_copy_bytes,
+        zero_copy: shared,
     })
 }
 
-/// A listening socket for `listen` (the first address it resolves to that can be bound).
-fn bind(listen: &str) -> std::io::Result<std::net::TcpListener> {
+/// Listening sockets on every address `listen` resolves to that can be bound (like
+/// actix-web's `HttpServer::bind`: `localhost:5000` gives 127.0.0.1 and ::1); an error
+/// only if none can.
+fn bind(listen: &str) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut last = None;
+    let mut out = Vec::new();
     for addr in listen.to_socket_addrs()? {
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -146,9 +153,12 @@ fn bind(listen: &str) -> std::io::Result<std::net::TcpListener> {
         )?;
         let _ = sock.set_reuse_address(true);
         match sock.bind(&addr.into()).and_then(|()| sock.listen(BACKLOG)) {
-            Ok(()) => return Ok(sock.into()),
+            Ok(()) => out.push(sock.into()),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no address to listen on")))
+    if out.is_empty() {
+        return Err(last.unwrap_or_else(|| std::io::Error::other("no address to listen on")));
+    }
+    Ok(out)
 }

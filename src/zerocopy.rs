@@ -14,23 +14,28 @@
 //! chunking, so actix neither counts nor frames the body bytes.
 //!
 //! The socket is non-blocking: `sendfile` sends what fits and the job waits for the socket
-//! to become writable again, like any write. Pages not in the page cache are read ahead on
-//! a blocking thread first (`fadvise(WILLNEED)`), so a worker thread seldom waits for the
-//! disk.
+//! to become writable again, like any write. Before a stored region is queued, a blocking
+//! thread checks that its pages are in the page cache (1-byte `preadv2(RWF_NOWAIT)` probes
+//! every MiB) and, if some are not, reads them in (`sendfile` to `/dev/null`: no copy to
+//! user space), so the worker thread does not wait for the disk.
+//!
+//! A filesystem that refuses `sendfile` (EINVAL/ENOSYS/EOPNOTSUPP before a byte of the
+//! region went out) switches the process to copying: that body goes on with read bytes and
+//! later bodies are copied from the start.
 
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use actix_web::rt::net::TcpStream;
 use bytes::Bytes;
 use futures_util::Stream;
-use pullcache_actors::BlobRegions;
+use pullcache_actors::{BlobRegions, Region};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// Largest region one job sends (the body then takes the next one).
@@ -43,18 +48,21 @@ const MARKER_LEN: usize = 16;
 pub struct ConnIo {
     io: TcpStream,
     slot: Rc<SendSlot>,
-    sent_total: Arc<AtomicU64>,
+    shared: Arc<ZeroCopy>,
     /// TCP_CORK is on (while a region is being sent).
     corked: bool,
 }
 
 impl ConnIo {
-    /// `sent_total` counts the bytes this server has sent with `sendfile`.
-    pub fn new(io: TcpStream, sent_total: Arc<AtomicU64>) -> Self {
+    /// `shared`: the server's zero-copy state (counter, whether sendfile still works).
+    pub fn new(io: TcpStream, shared: Arc<ZeroCopy>) -> Self {
         ConnIo {
             io,
-            slot: Rc::new(SendSlot::default()),
-            sent_total,
+            slot: Rc::new(SendSlot {
+                job: RefCell::new(None),
+                shared: shared.clone(),
+            }),
+            shared,
             corked: false,
         }
     }
@@ -89,6 +97,9 @@ impl ConnIo {
                 Poll::Pending => return Poll::Pending,
             }
             let n = remaining.min(SEND_BUDGET);
+            if self.shared.refuse.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(libc_errno::EINVAL)));
+            }
             let res = self.io.try_io(Interest::WRITABLE, || {
                 let mut off = offset;
                 rustix::fs::sendfile(&self.io, &*file, Some(&mut off), n).map_err(io::Error::from)
@@ -102,10 +113,11 @@ impl ConnIo {
                 }
                 Ok(w) => {
                     sent += w;
-                    self.sent_total.fetch_add(w as u64, Ordering::Relaxed);
+                    self.shared.sent.fetch_add(w as u64, Ordering::Relaxed);
                     if let Some(j) = self.slot.job.borrow_mut().as_mut() {
                         j.offset += w as u64;
                         j.remaining -= w;
+                        j.sent += w;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -126,16 +138,18 @@ impl ConnIo {
         }
     }
 
-    fn finish_job(&self, result: Result<(), io::ErrorKind>) {
+    fn finish_job(&self, state: JobState) {
         if let Some(j) = self.slot.job.borrow_mut().as_mut() {
-            j.state = match result {
-                Ok(()) => JobState::Sent,
-                Err(kind) => JobState::Failed(kind),
-            };
+            j.state = state;
             if let Some(w) = j.waker.take() {
                 w.wake();
             }
         }
+    }
+
+    /// Nothing of the job has gone out yet.
+    fn nothing_sent(&self) -> bool {
+        self.slot.job.borrow().as_ref().is_some_and(|j| j.sent == 0)
     }
 }
 
@@ -177,11 +191,19 @@ impl AsyncWrite for ConnIo {
         match r {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => {
-                this.finish_job(Ok(()));
+                this.finish_job(JobState::Sent);
+                Poll::Ready(Ok(MARKER_LEN))
+            }
+            Poll::Ready(Err(e)) if refused(&e) && this.nothing_sent() => {
+                if !this.shared.unsupported.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "sendfile is not supported for the blob store's filesystem; blob bodies are copied from now on");
+                }
+                // The marker stands for nothing: the body copies the region itself.
+                this.finish_job(JobState::Unsupported);
                 Poll::Ready(Ok(MARKER_LEN))
             }
             Poll::Ready(Err(e)) => {
-                this.finish_job(Err(e.kind()));
+                this.finish_job(JobState::Failed(e.kind()));
                 Poll::Ready(Err(e))
             }
         }
@@ -198,7 +220,7 @@ impl AsyncWrite for ConnIo {
             Some(j) if j.state == JobState::Queued
         );
         if dropped {
-            this.finish_job(Err(io::ErrorKind::BrokenPipe));
+            this.finish_job(JobState::Failed(io::ErrorKind::BrokenPipe));
         }
         Pin::new(&mut this.io).poll_flush(cx)
     }
@@ -212,7 +234,17 @@ impl AsyncWrite for ConnIo {
 enum JobState {
     Queued,
     Sent,
+    /// `sendfile` refused this file before any byte went out: nothing was written in
+    /// place of the marker, the body copies the region instead.
+    Unsupported,
     Failed(io::ErrorKind),
+}
+
+/// What became of a queued region.
+enum Sent {
+    Done,
+    /// Not sent at all: copy it.
+    Unsupported,
 }
 
 struct Job {
@@ -220,15 +252,67 @@ struct Job {
     file: Arc<File>,
     offset: u64,
     remaining: usize,
+    /// Bytes of this region already sent.
+    sent: usize,
     state: JobState,
     waker: Option<Waker>,
 }
 
+/// A server's zero-copy state, shared by its connections.
+#[derive(Default)]
+pub struct ZeroCopy {
+    /// Bytes sent with `sendfile`.
+    sent: AtomicU64,
+    /// Set once `sendfile` has been refused: every later body is copied.
+    unsupported: AtomicBool,
+    /// Stored regions that were not in the page cache and were read in before sending.
+    read_in: AtomicU64,
+    /// Test hook: act as if the filesystem refused `sendfile`.
+    refuse: AtomicBool,
+}
+
+impl ZeroCopy {
+    /// Bytes sent with `sendfile` so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stored regions read into the page cache before being sent (they were not there).
+    pub fn regions_read_in(&self) -> u64 {
+        self.read_in.load(Ordering::Relaxed)
+    }
+
+    /// Whether blob bodies are still sent with `sendfile`.
+    pub fn available(&self) -> bool {
+        !self.unsupported.load(Ordering::Relaxed)
+    }
+
+    /// For tests: make `sendfile` fail as on a filesystem that does not support it.
+    #[doc(hidden)]
+    pub fn inject_refusal(&self, on: bool) {
+        self.refuse.store(on, Ordering::Relaxed);
+    }
+}
+
+fn refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EINVAL | libc_errno::ENOSYS | libc_errno::EOPNOTSUPP)
+    )
+}
+
+/// The errno values of a refused `sendfile` (Linux).
+mod libc_errno {
+    pub const EINVAL: i32 = 22;
+    pub const ENOSYS: i32 = 38;
+    pub const EOPNOTSUPP: i32 = 95;
+}
+
 /// At most one file region waiting to be sent on a connection (HTTP/1 answers one request
 /// at a time, so one is enough).
-#[derive(Default)]
 pub struct SendSlot {
     job: RefCell<Option<Job>>,
+    shared: Arc<ZeroCopy>,
 }
 
 /// A handle on a connection's [`SendSlot`], stored in the connection data.
@@ -236,6 +320,15 @@ pub struct SendSlot {
 pub struct SlotRef(Rc<SendSlot>);
 
 impl SlotRef {
+    fn shared(&self) -> &ZeroCopy {
+        &self.0.shared
+    }
+
+    /// Whether this server still sends blob bodies with `sendfile`.
+    pub fn available(&self) -> bool {
+        self.shared().available()
+    }
+
     /// Queues a region and returns the marker the body must yield for it.
     fn queue(&self, file: Arc<File>, offset: u64, len: usize) -> Bytes {
         let marker: [u8; MARKER_LEN] = rand::random();
@@ -244,6 +337,7 @@ impl SlotRef {
             file,
             offset,
             remaining: len,
+            sent: 0,
             state: JobState::Queued,
             waker: None,
         });
@@ -251,7 +345,7 @@ impl SlotRef {
     }
 
     /// Waits until the queued region has been sent (or failed).
-    fn poll_sent(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_sent(&self, cx: &mut Context<'_>) -> Poll<io::Result<Sent>> {
         let mut job = self.0.job.borrow_mut();
         let Some(j) = job.as_mut() else {
             return Poll::Ready(Err(io::Error::other("no region queued")));
@@ -263,7 +357,11 @@ impl SlotRef {
             }
             JobState::Sent => {
                 *job = None;
-                Poll::Ready(Ok(()))
+                Poll::Ready(Ok(Sent::Done))
+            }
+            JobState::Unsupported => {
+                *job = None;
+                Poll::Ready(Ok(Sent::Unsupported))
             }
             JobState::Failed(kind) => {
                 *job = None;
@@ -286,7 +384,11 @@ pub fn sendfile_body(
     struct State {
         guard: ClearOnDrop,
         regions: BlobRegions,
-        queued: bool,
+        /// The region whose marker was yielded last.
+        queued: Option<Region>,
+        /// `sendfile` was refused: the rest is read and copied; this part first.
+        copy: Option<Region>,
+        copying: bool,
     }
     /// A body dropped mid-way (client gone) leaves no job behind.
     struct ClearOnDrop(SlotRef);
@@ -298,36 +400,131 @@ pub fn sendfile_body(
     let state = State {
         guard: ClearOnDrop(slot),
         regions,
-        queued: false,
+        queued: None,
+        copy: None,
+        copying: false,
     };
     Box::pin(futures_util::stream::unfold(state, |mut st| async move {
-        if st.queued {
-            st.queued = false;
+        if let Some(region) = st.queued.take() {
             let slot = st.guard.0.clone();
-            if let Err(e) = std::future::poll_fn(|cx| slot.poll_sent(cx)).await {
-                return st.regions.fail(e).map(|r| (r, st));
+            match std::future::poll_fn(|cx| slot.poll_sent(cx)).await {
+                Ok(Sent::Done) => {}
+                Ok(Sent::Unsupported) => {
+                    st.copying = true;
+                    st.copy = Some(region);
+                }
+                Err(e) => return st.regions.fail(e).map(|r| (r, st)),
             }
+        }
+        if st.copying {
+            return copy_next(&mut st.copy, &mut st.regions)
+                .await
+                .map(|r| (r, st));
         }
         let region = match st.regions.next(MAX_REGION).await? {
             Ok(r) => r,
             Err(e) => return Some((Err(e), st)),
         };
         if region.complete {
-            // A stored blob may have left the page cache: start reading it in from a
-            // blocking thread so that sendfile seldom waits for the disk on this worker.
+            // A stored blob may have left the page cache: read what is missing in on a
+            // blocking thread, so that sendfile does not wait for the disk on this worker.
             let (file, offset, len) = (region.file.clone(), region.offset, region.len);
-            let _ = actix_web::rt::task::spawn_blocking(move || {
-                rustix::fs::fadvise(
-                    &*file,
-                    offset,
-                    std::num::NonZeroU64::new(len as u64),
-                    rustix::fs::Advice::WillNeed,
-                )
-            })
-            .await;
+            let read_in =
+                actix_web::rt::task::spawn_blocking(move || make_resident(&file, offset, len))
+                    .await
+                    .unwrap_or(false);
+            if read_in {
+                st.guard.0.shared().read_in.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        let marker = st.guard.0.queue(region.file, region.offset, region.len);
-        st.queued = true;
+        let marker = st
+            .guard
+            .0
+            .queue(region.file.clone(), region.offset, region.len);
+        st.queued = Some(region);
         Some((Ok(marker), st))
     }))
+}
+
+/// Copying, after `sendfile` was refused: the next piece of `pending`, else of the next
+/// region.
+async fn copy_next(
+    pending: &mut Option<Region>,
+    regions: &mut BlobRegions,
+) -> Option<io::Result<Bytes>> {
+    const PIECE: usize = 512 * 1024;
+    let r = match pending.take() {
+        Some(r) => r,
+        None => match regions.next(PIECE).await? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        },
+    };
+    let n = r.len.min(PIECE);
+    let (file, offset) = (r.file.clone(), r.offset);
+    let read = actix_web::rt::task::spawn_blocking(move || {
+        pullcache_actors::store::read_at(&file, offset, n)
+    })
+    .await;
+    match read {
+        Ok(Ok(b)) if b.len() == n => {
+            if n < r.len {
+                *pending = Some(Region {
+                    offset: r.offset + n as u64,
+                    len: r.len - n,
+                    ..r
+                });
+            }
+            Some(Ok(b))
+        }
+        Ok(Ok(_)) => regions.fail(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "blob file shorter than recorded",
+        )),
+        Ok(Err(e)) => regions.fail(e),
+        Err(e) => regions.fail(io::Error::other(e.to_string())),
+    }
+}
+
+/// Brings `len` bytes at `offset` of `file` into the page cache if probes find some of
+/// them missing (blocking: run it on a blocking thread). `true` if it read them in.
+fn make_resident(file: &File, offset: u64, len: usize) -> bool {
+    const STEP: u64 = 1024 * 1024;
+    let end = offset + len as u64;
+    let mut probe = [0u8; 1];
+    let missing = (0..)
+        .map(|i| offset + i * STEP)
+        .take_while(|&at| at < end)
+        .chain(std::iter::once(end.saturating_sub(1)))
+        .any(|at| {
+            !matches!(
+                rustix::io::preadv2(
+                    file,
+                    &mut [io::IoSliceMut::new(&mut probe)],
+                    at,
+                    rustix::io::ReadWriteFlags::NOWAIT,
+                ),
+                Ok(1)
+            )
+        });
+    if !missing {
+        return false;
+    }
+    static DEV_NULL: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
+    let Some(null) = DEV_NULL
+        .get_or_init(|| File::options().write(true).open("/dev/null").ok())
+        .as_ref()
+    else {
+        return false;
+    };
+    // Through the page cache into /dev/null: the pages are read, nothing is copied.
+    let mut off = offset;
+    while off < end {
+        let left = (end - off) as usize;
+        match rustix::fs::sendfile(null, file, Some(&mut off), left) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    true
 }

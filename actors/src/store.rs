@@ -158,7 +158,15 @@ pub fn write_all_vectored(mut file: &File, pieces: &[bytes::Bytes]) -> io::Resul
     use std::io::{IoSlice, Write};
     let mut idx = 0;
     let mut off = 0;
-    while idx < pieces.len() {
+    loop {
+        // Skip what is written (and empty pieces: a writev of nothing returns 0).
+        while idx < pieces.len() && pieces[idx].len() == off {
+            idx += 1;
+            off = 0;
+        }
+        if idx == pieces.len() {
+            return Ok(());
+        }
         let slices: Vec<IoSlice<'_>> = std::iter::once(&pieces[idx][off..])
             .chain(pieces[idx + 1..].iter().map(|b| &b[..]))
             .take(1024)
@@ -182,12 +190,7 @@ pub fn write_all_vectored(mut file: &File, pieces: &[bytes::Bytes]) -> io::Resul
                 n = 0;
             }
         }
-        while idx < pieces.len() && pieces[idx].len() == off {
-            idx += 1;
-            off = 0;
-        }
     }
-    Ok(())
 }
 
 /// Reads up to `len` bytes at `offset` (positioned read; the file's cursor is not shared state).
@@ -238,7 +241,12 @@ mod tests {
             pieces.push(bytes::Bytes::from(b));
         }
         write_all_vectored(&file, &pieces).unwrap();
-        write_all_vectored(&file, &[bytes::Bytes::from_static(b"end")]).unwrap();
+        write_all_vectored(&file, &[bytes::Bytes::new()]).unwrap();
+        let empties = vec![bytes::Bytes::new(); 1500];
+        write_all_vectored(&file, &empties).unwrap();
+        let mut tail = empties;
+        tail.push(bytes::Bytes::from_static(b"end"));
+        write_all_vectored(&file, &tail).unwrap();
         expect.extend_from_slice(b"end");
         assert_eq!(std::fs::read(&path).unwrap(), expect);
     }

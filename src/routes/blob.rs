@@ -77,13 +77,15 @@ pub async fn serve(
     let len = end - start;
     // Zero-copy when the connection can (plain TCP) and the body is worth two syscalls.
     let src = match req.conn_data::<SlotRef>() {
-        Some(slot) if len >= ZERO_COPY_MIN => match src.regions(start, Some(end)) {
-            Ok(regions) => {
-                r.no_chunking(len);
-                return Ok(r.body(BodyStream::new(sendfile_body(slot.clone(), regions))));
+        Some(slot) if len >= ZERO_COPY_MIN && slot.available() => {
+            match src.regions(start, Some(end)) {
+                Ok(regions) => {
+                    r.no_chunking(len);
+                    return Ok(r.body(BodyStream::new(sendfile_body(slot.clone(), regions))));
+                }
+                Err(src) => src,
             }
-            Err(src) => src,
-        },
+        }
         _ => src,
     };
     Ok(r.body(SizedStream::new(len, src.stream(start, Some(end)))))

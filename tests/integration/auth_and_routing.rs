@@ -126,3 +126,33 @@ async fn a_blob_cached_for_one_upstream_needs_the_others_confirmation() {
     assert_eq!(Counts::get(&other.counts.blob_get), 0);
     assert_eq!(Counts::get(&other.counts.blob_head), 2);
 }
+
+/// `server.listen = "localhost:0"` listens on every address localhost resolves to (IPv4 and,
+/// where configured, IPv6), and each of them answers.
+#[actix_rt::test]
+async fn listens_on_every_address_the_name_resolves_to() {
+    use std::net::ToSocketAddrs;
+    let up = FakeUpstream::start();
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        root.path(),
+        vec![upstream("docker.io", &up.url(), true, Some("docker"))],
+    );
+    cfg.server.listen = "localhost:0".into();
+    let resolved = "localhost:0".to_socket_addrs().unwrap().count();
+    let running = pullcache::server::start(&cfg, pullcache_actors::Clock::manual(), false).unwrap();
+    let handle = running.server.handle();
+    actix_rt::spawn(running.server);
+    assert!(!running.addrs.is_empty());
+    assert!(running.addrs.len() <= resolved);
+    assert!(
+        running.addrs.iter().any(|a| a.is_ipv4()),
+        "{:?}",
+        running.addrs
+    );
+    for a in &running.addrs {
+        let (st, _, _) = get(&format!("http://{a}/v2/"), &[]).await;
+        assert_eq!(st, StatusCode::OK, "{a}");
+    }
+    handle.stop(false).await;
+}

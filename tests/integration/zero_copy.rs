@@ -1,16 +1,14 @@
 //! Blob bodies sent with sendfile: the bytes, ranges, keep-alive and pipelined requests on
 //! one connection, and the copying path when zero-copy is off.
 
-use std::io::{Read, Write};
-use std::sync::atomic::Ordering;
-
 use actix_web::http::StatusCode;
+use std::io::{Read, Write};
 
 use crate::blobs::wait_for;
 use crate::common::*;
 
 fn sent(pc: &Pullcache) -> u64 {
-    pc.zero_copy_bytes.load(Ordering::SeqCst)
+    pc.zero_copy.sent()
 }
 
 /// A cached blob, whole and in ranges, goes out with sendfile byte for byte; a small one is
@@ -267,4 +265,60 @@ async fn clients_leaving_mid_body_do_not_disturb_the_server() {
 fn socket_linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
     rustix::net::sockopt::set_socket_linger(s, Some(std::time::Duration::ZERO))
         .map_err(std::io::Error::from)
+}
+
+/// A filesystem that refuses sendfile: the body under way goes on with copied bytes (the
+/// client gets the whole blob on the same connection), and later bodies are copied.
+#[actix_rt::test]
+async fn a_refused_sendfile_falls_back_to_copying() {
+    let up = FakeUpstream::start();
+    let a = data(79, 3 * 1024 * 1024 + 11);
+    let da = up.add_blob(&a);
+    let pc = Pullcache::start(&up.url());
+    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
+    let (st, _, _) = get(&url, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for(|| pc.blob_path(&da).exists()).await;
+    let before = sent(&pc);
+    pc.zero_copy.inject_refusal(true);
+    assert!(pc.zero_copy.available());
+    // Refused at the first region: the response goes on copied.
+    let (st, h, body) = get(&url, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        header(&h, "content-length"),
+        Some(a.len().to_string().as_str())
+    );
+    assert_eq!(sha256(&body.unwrap()), da);
+    assert!(!pc.zero_copy.available(), "switched to copying");
+    // Later bodies, whole and ranges, are copied from the start.
+    let (st, _, body) = get(&url, &[("Range", "bytes=1000-1999999")]).await;
+    assert_eq!(st, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body.unwrap(), a[1000..2_000_000]);
+    assert_eq!(sent(&pc), before);
+}
+
+/// A stored blob that has left the page cache is read back in on a blocking thread before
+/// sendfile sends it (not on the worker), and arrives whole.
+#[actix_rt::test]
+async fn a_blob_out_of_the_page_cache_is_read_in_first() {
+    let up = FakeUpstream::start();
+    let a = data(80, 4 * 1024 * 1024 + 3);
+    let da = up.add_blob(&a);
+    let pc = Pullcache::start(&up.url());
+    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
+    let (st, _, _) = get(&url, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for(|| pc.blob_path(&da).exists()).await;
+    // Warm: nothing to read in.
+    let (_, _, body) = get(&url, &[]).await;
+    assert_eq!(sha256(&body.unwrap()), da);
+    let before = pc.zero_copy.regions_read_in();
+    // Drop the file's pages (it is fsynced, so they are clean and can go).
+    let f = std::fs::File::open(pc.blob_path(&da)).unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let (st, _, body) = get(&url, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256(&body.unwrap()), da);
+    assert_eq!(pc.zero_copy.regions_read_in(), before + 1);
 }

@@ -483,8 +483,8 @@ pub struct Pullcache {
     pub clock: Clock,
     pub handle: actix_web::dev::ServerHandle,
     pub engine: pullcache_actors::Engine,
-    /// Bytes the server sent with sendfile.
-    pub zero_copy_bytes: std::sync::Arc<AtomicU64>,
+    /// The server's sendfile state (bytes sent, the refusal hook).
+    pub zero_copy: std::sync::Arc<pullcache::zerocopy::ZeroCopy>,
 }
 
 pub fn upstream(name: &str, url: &str, default: bool, prefix: Option<&str>) -> UpstreamSettings {
@@ -537,7 +537,7 @@ impl Pullcache {
             clock,
             handle,
             engine: running.engine,
-            zero_copy_bytes: running.zero_copy_bytes,
+            zero_copy: running.zero_copy,
         }
     }
 
