@@ -209,6 +209,20 @@ impl Engine {
         Ok(m)
     }
 
+    /// Whether `digest` is stored and recorded (a download is recorded just after its file
+    /// is renamed into the store, so the file alone does not say it).
+    pub async fn is_stored(&self, digest: &Digest) -> bool {
+        self.meta
+            .send(metadata::LookupBlob {
+                upstream: String::new(),
+                digest: digest.clone(),
+            })
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .is_some_and(|l| l.record.is_some())
+    }
+
     /// Whether pullcache can serve: storage writable, metadata answering. Upstreams being
     /// down does not make it unready (the cache still serves).
     pub async fn readiness(&self) -> Readiness {

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 
 use actix_web::http::StatusCode;
 
-use crate::blobs::wait_for;
 use crate::common::*;
 
 /// A token-protected upstream that redirects blobs to another origin: pullcache fetches a
@@ -113,7 +112,7 @@ async fn a_blob_cached_for_one_upstream_needs_the_others_confirmation() {
     ]);
     let (st, _, _) = get(&pc.url(&format!("/v2/library/a/blobs/{d}")), &[]).await;
     assert_eq!(st, StatusCode::OK);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
     // The other upstream does not have it: 404, although the bytes are on disk.
     let (st, _, body) = get(&pc.url(&format!("/v2/priv/a/blobs/{d}")), &[]).await;
     assert_eq!(st, StatusCode::NOT_FOUND);

@@ -51,7 +51,7 @@ async fn twenty_concurrent_gets_make_one_upstream_get_and_stream_early() {
     }
     assert_eq!(Counts::get(&up.counts.blob_get), 1);
     // Stored, and served from disk afterwards.
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256(&body.unwrap()), d);
@@ -74,7 +74,7 @@ async fn fill_continues_after_the_first_client_leaves() {
         // dropped here: the client goes away mid-body
     }
     up.open_gate();
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256(&body.unwrap()), d);
@@ -114,7 +114,7 @@ async fn tampered_blob_is_never_delivered_whole_nor_stored() {
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256(&body.unwrap()), d);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
 }
 
 /// HEAD answers like GET (same headers, real Content-Length) and never downloads.
@@ -150,7 +150,7 @@ async fn head_equals_get_and_never_downloads() {
     }
     assert_eq!(header(&gh, "docker-content-digest"), Some(d.as_str()));
     // HEAD of the cached blob: answered locally.
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
     let (hs2, hh2, _) = send(Method::HEAD, &url, &[]).await;
     assert_eq!(hs2, StatusCode::OK);
     assert_eq!(header(&hh2, "content-length"), Some("100000"));
@@ -174,7 +174,7 @@ async fn ranges_give_the_right_bytes() {
         Some("bytes 1000-299999/300000")
     );
     assert_eq!(body.unwrap(), blob[1000..]);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
     for (range, lo, hi) in [
         ("bytes=0-0", 0, 1),
         ("bytes=10-19", 10, 20),

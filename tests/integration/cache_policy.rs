@@ -46,7 +46,7 @@ async fn eviction_is_lru_between_watermarks_and_keeps_pins() {
     for d in &loose {
         pc.clock.advance(Duration::from_secs(2));
         assert_eq!(get(&fetch(d), &[]).await.0, StatusCode::OK);
-        wait_for(|| pc.blob_path(d).exists()).await;
+        pc.wait_stored(d).await;
     }
     // 9 x 100 kB > 855 kB: over the high watermark. The sweep brings it to <= 570 kB.
     for _ in 0..100 {
@@ -105,7 +105,7 @@ async fn in_flight_downloads_and_open_readers_survive_eviction() {
     let url = |d: &String| pc.url(&format!("/v2/library/x/blobs/{d}"));
     // Cache filler 0, then open a reader on it and keep it half-read.
     assert_eq!(get(&url(&fillers[0]), &[]).await.0, StatusCode::OK);
-    wait_for(|| pc.blob_path(&fillers[0]).exists()).await;
+    pc.wait_stored(&fillers[0]).await;
     let mut reader = client().get(url(&fillers[0])).send().await.unwrap();
     let mut got = reader.next().await.unwrap().unwrap().to_vec();
     // Start the big download and hold it mid-way.
@@ -130,7 +130,7 @@ async fn in_flight_downloads_and_open_readers_survive_eviction() {
         big_got.extend_from_slice(&c.unwrap());
     }
     assert_eq!(sha256(&big_got), bd);
-    wait_for(|| pc.blob_path(&bd).exists()).await;
+    pc.wait_stored(&bd).await;
 }
 
 /// With the disk full, pulls still succeed (streamed from the upstream, verified, not
@@ -166,7 +166,7 @@ async fn a_full_disk_streams_without_storing_and_recovers() {
     // Space is back: the next pull is cached.
     pc.engine.blobs.inject_disk_full(false);
     assert_eq!(get(&url, &[]).await.0, StatusCode::OK);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
 }
 
 /// Per-upstream TTL, immutable tags and max_stale, on the manual clock.

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use actix_web::http::{Method, StatusCode};
 
-use crate::blobs::wait_for;
 use crate::common::*;
 
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
@@ -195,7 +194,7 @@ async fn stale_tags_and_cached_content_are_served_when_the_upstream_fails() {
     let blob_url = pc.url(&format!("/v2/library/app/blobs/{}", layers[0]));
     assert_eq!(get(&tag_url, &[]).await.0, StatusCode::OK);
     assert_eq!(get(&blob_url, &[]).await.0, StatusCode::OK);
-    wait_for(|| pc.blob_path(&layers[0]).exists()).await;
+    pc.wait_stored(&layers[0]).await;
 
     for (status, label) in [(503u64, "5xx"), (429, "rate limit")] {
         up.knobs.fail_status.store(status, Ordering::SeqCst);

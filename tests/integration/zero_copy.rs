@@ -4,7 +4,6 @@
 use actix_web::http::StatusCode;
 use std::io::{Read, Write};
 
-use crate::blobs::wait_for;
 use crate::common::*;
 
 fn sent(pc: &Pullcache) -> u64 {
@@ -28,7 +27,7 @@ async fn cached_blobs_and_ranges_are_sent_with_sendfile() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256(&body.unwrap()), d);
     assert_eq!(sent(&pc), blob.len() as u64);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
 
     // Warm, whole.
     let before = sent(&pc);
@@ -75,7 +74,7 @@ async fn pipelined_requests_on_one_connection_stay_in_order() {
     for d in [&da, &db, &ds] {
         let (st, _, _) = get(&pc.url(&format!("/v2/library/x/blobs/{d}")), &[]).await;
         assert_eq!(st, StatusCode::OK);
-        wait_for(|| pc.blob_path(d).exists()).await;
+        pc.wait_stored(d).await;
     }
     let missing = format!("sha256:{}", "0".repeat(64));
     let addr = pc.base.trim_start_matches("http://").to_string();
@@ -173,7 +172,7 @@ async fn zero_copy_off_copies_the_same_bytes() {
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256(&body.unwrap()), d);
-    wait_for(|| pc.blob_path(&d).exists()).await;
+    pc.wait_stored(&d).await;
     let (st, _, body) = get(&url, &[("Range", "bytes=5-")]).await;
     assert_eq!(st, StatusCode::PARTIAL_CONTENT);
     assert_eq!(body.unwrap(), blob[5..]);
@@ -193,7 +192,7 @@ async fn a_get_followed_by_a_pipelined_head_closes_instead_of_hanging() {
     let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
     let (st, _, _) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
-    wait_for(|| pc.blob_path(&da).exists()).await;
+    pc.wait_stored(&da).await;
     let addr = pc.base.trim_start_matches("http://").to_string();
     let wire: String = ["GET", "HEAD"]
         .iter()
@@ -234,7 +233,7 @@ async fn clients_leaving_mid_body_do_not_disturb_the_server() {
     let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
     let (st, _, _) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
-    wait_for(|| pc.blob_path(&da).exists()).await;
+    pc.wait_stored(&da).await;
     let addr = pc.base.trim_start_matches("http://").to_string();
     let wire = format!("GET /v2/library/x/blobs/{da} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     actix_web::rt::task::spawn_blocking(move || {
@@ -278,7 +277,7 @@ async fn a_refused_sendfile_falls_back_to_copying() {
     let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
     let (st, _, _) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
-    wait_for(|| pc.blob_path(&da).exists()).await;
+    pc.wait_stored(&da).await;
     let before = sent(&pc);
     pc.zero_copy.inject_refusal(true);
     assert!(pc.zero_copy.available());
@@ -309,7 +308,7 @@ async fn a_blob_out_of_the_page_cache_is_read_in_first() {
     let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
     let (st, _, _) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
-    wait_for(|| pc.blob_path(&da).exists()).await;
+    pc.wait_stored(&da).await;
     // Warm: nothing to read in.
     let (_, _, body) = get(&url, &[]).await;
     assert_eq!(sha256(&body.unwrap()), da);

@@ -555,6 +555,19 @@ impl Pullcache {
             .join(hex)
     }
 
+    /// Waits until `digest` is stored and recorded (its file appears a moment before its
+    /// record: a request in between would start a new download).
+    pub async fn wait_stored(&self, digest: &str) {
+        let d = pullcache_actors::Digest::parse(digest).unwrap();
+        for _ in 0..200 {
+            if self.blob_path(digest).exists() && self.engine.is_stored(&d).await {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{digest} not stored within 10 s");
+    }
+
     pub fn temp_files(&self) -> usize {
         std::fs::read_dir(self.root.path().join("tmp"))
             .map(|d| d.count())
