@@ -4,7 +4,7 @@
 # sendfile of the same file, nginx serving the manifest as a static file), in one run.
 # See bench/README.md for every figure and how to read it.
 #
-#   bench/run.sh                                   # full run (~20 min on 2 cores)
+#   bench/run.sh                                   # full run (~12 min on 2 cores)
 #   BENCH_BIG_MB=128 BENCH_MID_MB=16 BENCH_REPEAT=1 BENCH_WRK_SECONDS=3 \
 #     BENCH_STARTUP_BLOBS=10000 bench/run.sh      # quick run for development
 #
