@@ -10,6 +10,38 @@ fn sent(pc: &Pullcache) -> u64 {
     pc.zero_copy.sent()
 }
 
+/// A pullcache with one blob of `len` seeded bytes, pulled once and recorded.
+struct Cached {
+    _up: FakeUpstream,
+    pc: Pullcache,
+    blob: Vec<u8>,
+    digest: String,
+    url: String,
+}
+
+async fn cached_blob(seed: u64, len: usize) -> Cached {
+    let up = FakeUpstream::start();
+    let blob = data(seed, len);
+    let digest = up.add_blob(&blob);
+    let pc = Pullcache::start(&up.url());
+    let url = pc.url(&format!("/v2/library/x/blobs/{digest}"));
+    let (st, _, _) = get(&url, &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    pc.wait_stored(&digest).await;
+    Cached {
+        _up: up,
+        pc,
+        blob,
+        digest,
+        url,
+    }
+}
+
+/// host:port of the server, for raw-socket clients.
+fn addr(pc: &Pullcache) -> String {
+    pc.base.trim_start_matches("http://").to_string()
+}
+
 /// A cached blob, whole and in ranges, goes out with sendfile byte for byte; a small one is
 /// copied (one write with the head).
 #[actix_rt::test]
@@ -77,7 +109,7 @@ async fn pipelined_requests_on_one_connection_stay_in_order() {
         pc.wait_stored(d).await;
     }
     let missing = format!("sha256:{}", "0".repeat(64));
-    let addr = pc.base.trim_start_matches("http://").to_string();
+    let addr = addr(&pc);
     let reqs: Vec<(&str, String, Option<&str>)> = vec![
         ("HEAD", da.clone(), None),
         ("GET", da.clone(), None),
@@ -185,15 +217,15 @@ async fn zero_copy_off_copies_the_same_bytes() {
 /// goes on serving.
 #[actix_rt::test]
 async fn a_get_followed_by_a_pipelined_head_closes_instead_of_hanging() {
-    let up = FakeUpstream::start();
-    let a = data(77, 512 * 1024);
-    let da = up.add_blob(&a);
-    let pc = Pullcache::start(&up.url());
-    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
-    let (st, _, _) = get(&url, &[]).await;
-    assert_eq!(st, StatusCode::OK);
-    pc.wait_stored(&da).await;
-    let addr = pc.base.trim_start_matches("http://").to_string();
+    let Cached {
+        _up,
+        pc,
+        blob: a,
+        digest: da,
+        url,
+        ..
+    } = cached_blob(77, 512 * 1024).await;
+    let addr = addr(&pc);
     let wire: String = ["GET", "HEAD"]
         .iter()
         .map(|m| format!("{m} /v2/library/x/blobs/{da} HTTP/1.1\r\nHost: {addr}\r\n\r\n"))
@@ -226,15 +258,14 @@ async fn a_get_followed_by_a_pipelined_head_closes_instead_of_hanging() {
 /// bytes) cost nothing but their connection: the next requests are served whole.
 #[actix_rt::test]
 async fn clients_leaving_mid_body_do_not_disturb_the_server() {
-    let up = FakeUpstream::start();
-    let a = data(78, 8 * 1024 * 1024);
-    let da = up.add_blob(&a);
-    let pc = Pullcache::start(&up.url());
-    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
-    let (st, _, _) = get(&url, &[]).await;
-    assert_eq!(st, StatusCode::OK);
-    pc.wait_stored(&da).await;
-    let addr = pc.base.trim_start_matches("http://").to_string();
+    let Cached {
+        _up,
+        pc,
+        digest: da,
+        url,
+        ..
+    } = cached_blob(78, 8 * 1024 * 1024).await;
+    let addr = addr(&pc);
     let wire = format!("GET /v2/library/x/blobs/{da} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     actix_web::rt::task::spawn_blocking(move || {
         for i in 0..20 {
@@ -270,14 +301,14 @@ fn socket_linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
 /// client gets the whole blob on the same connection), and later bodies are copied.
 #[actix_rt::test]
 async fn a_refused_sendfile_falls_back_to_copying() {
-    let up = FakeUpstream::start();
-    let a = data(79, 3 * 1024 * 1024 + 11);
-    let da = up.add_blob(&a);
-    let pc = Pullcache::start(&up.url());
-    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
-    let (st, _, _) = get(&url, &[]).await;
-    assert_eq!(st, StatusCode::OK);
-    pc.wait_stored(&da).await;
+    let Cached {
+        _up,
+        pc,
+        blob: a,
+        digest: da,
+        url,
+        ..
+    } = cached_blob(79, 3 * 1024 * 1024 + 11).await;
     let before = sent(&pc);
     pc.zero_copy.inject_refusal(true);
     assert!(pc.zero_copy.available());
@@ -301,14 +332,13 @@ async fn a_refused_sendfile_falls_back_to_copying() {
 /// sendfile sends it (not on the worker), and arrives whole.
 #[actix_rt::test]
 async fn a_blob_out_of_the_page_cache_is_read_in_first() {
-    let up = FakeUpstream::start();
-    let a = data(80, 4 * 1024 * 1024 + 3);
-    let da = up.add_blob(&a);
-    let pc = Pullcache::start(&up.url());
-    let url = pc.url(&format!("/v2/library/x/blobs/{da}"));
-    let (st, _, _) = get(&url, &[]).await;
-    assert_eq!(st, StatusCode::OK);
-    pc.wait_stored(&da).await;
+    let Cached {
+        _up,
+        pc,
+        digest: da,
+        url,
+        ..
+    } = cached_blob(80, 4 * 1024 * 1024 + 3).await;
     // Warm: nothing to read in.
     let (_, _, body) = get(&url, &[]).await;
     assert_eq!(sha256(&body.unwrap()), da);
