@@ -34,8 +34,9 @@ use std::task::{Context, Poll, Waker};
 
 use actix_web::rt::net::TcpStream;
 use bytes::Bytes;
-use futures_util::Stream;
-use pullcache_actors::{BlobRegions, Region};
+use futures_util::{Stream, StreamExt};
+use pullcache_actors::BlobRegions;
+use rustix::io::Errno;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// Largest region one job sends (the body then takes the next one).
@@ -48,7 +49,6 @@ const MARKER_LEN: usize = 16;
 pub struct ConnIo {
     io: TcpStream,
     slot: Rc<SendSlot>,
-    shared: Arc<ZeroCopy>,
     /// TCP_CORK is on (while a region is being sent).
     corked: bool,
 }
@@ -60,9 +60,8 @@ impl ConnIo {
             io,
             slot: Rc::new(SendSlot {
                 job: RefCell::new(None),
-                shared: shared.clone(),
+                shared,
             }),
-            shared,
             corked: false,
         }
     }
@@ -97,8 +96,8 @@ impl ConnIo {
                 Poll::Pending => return Poll::Pending,
             }
             let n = remaining.min(SEND_BUDGET);
-            if self.shared.refuse.load(Ordering::Relaxed) {
-                return Poll::Ready(Err(io::Error::from_raw_os_error(libc_errno::EINVAL)));
+            if self.slot.shared.refuse.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(Errno::INVAL.into()));
             }
             let res = self.io.try_io(Interest::WRITABLE, || {
                 let mut off = offset;
@@ -113,7 +112,7 @@ impl ConnIo {
                 }
                 Ok(w) => {
                     sent += w;
-                    self.shared.sent.fetch_add(w as u64, Ordering::Relaxed);
+                    self.slot.shared.sent.fetch_add(w as u64, Ordering::Relaxed);
                     if let Some(j) = self.slot.job.borrow_mut().as_mut() {
                         j.offset += w as u64;
                         j.remaining -= w;
@@ -195,7 +194,7 @@ impl AsyncWrite for ConnIo {
                 Poll::Ready(Ok(MARKER_LEN))
             }
             Poll::Ready(Err(e)) if refused(&e) && this.nothing_sent() => {
-                if !this.shared.unsupported.swap(true, Ordering::Relaxed) {
+                if !this.slot.shared.unsupported.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "sendfile is not supported for the blob store's filesystem; blob bodies are copied from now on");
                 }
                 // The marker stands for nothing: the body copies the region itself.
@@ -294,18 +293,12 @@ impl ZeroCopy {
     }
 }
 
+/// The errors of a `sendfile` the file's filesystem does not support.
 fn refused(e: &io::Error) -> bool {
     matches!(
-        e.raw_os_error(),
-        Some(libc_errno::EINVAL | libc_errno::ENOSYS | libc_errno::EOPNOTSUPP)
+        Errno::from_io_error(e),
+        Some(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)
     )
-}
-
-/// The errno values of a refused `sendfile` (Linux).
-mod libc_errno {
-    pub const EINVAL: i32 = 22;
-    pub const ENOSYS: i32 = 38;
-    pub const EOPNOTSUPP: i32 = 95;
 }
 
 /// At most one file region waiting to be sent on a connection (HTTP/1 answers one request
@@ -381,14 +374,26 @@ pub fn sendfile_body(
     slot: SlotRef,
     regions: BlobRegions,
 ) -> Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>>>> {
+    enum Walk {
+        Send(BlobRegions),
+        /// `sendfile` was refused: the rest is read and copied.
+        Copy(Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>>>>),
+    }
+    impl Walk {
+        /// Goes on by copying, from `offset` (nothing after it has gone out).
+        fn copy_from(&mut self, offset: u64) {
+            let done = Walk::Copy(Box::pin(futures_util::stream::empty()));
+            if let Walk::Send(mut regions) = std::mem::replace(self, done) {
+                regions.rewind(offset);
+                *self = Walk::Copy(regions.into_stream());
+            }
+        }
+    }
     struct State {
         guard: ClearOnDrop,
-        regions: BlobRegions,
-        /// The region whose marker was yielded last.
-        queued: Option<Region>,
-        /// `sendfile` was refused: the rest is read and copied; this part first.
-        copy: Option<Region>,
-        copying: bool,
+        walk: Walk,
+        /// Where the region whose marker was yielded last starts.
+        queued: Option<u64>,
     }
     /// A body dropped mid-way (client gone) leaves no job behind.
     struct ClearOnDrop(SlotRef);
@@ -399,91 +404,47 @@ pub fn sendfile_body(
     }
     let state = State {
         guard: ClearOnDrop(slot),
-        regions,
+        walk: Walk::Send(regions),
         queued: None,
-        copy: None,
-        copying: false,
     };
     Box::pin(futures_util::stream::unfold(state, |mut st| async move {
-        if let Some(region) = st.queued.take() {
-            let slot = st.guard.0.clone();
-            match std::future::poll_fn(|cx| slot.poll_sent(cx)).await {
-                Ok(Sent::Done) => {}
-                Ok(Sent::Unsupported) => {
-                    st.copying = true;
-                    st.copy = Some(region);
+        loop {
+            let regions = match &mut st.walk {
+                Walk::Copy(rest) => return rest.next().await.map(|r| (r, st)),
+                Walk::Send(regions) => regions,
+            };
+            if let Some(offset) = st.queued.take() {
+                let slot = st.guard.0.clone();
+                match std::future::poll_fn(|cx| slot.poll_sent(cx)).await {
+                    Ok(Sent::Done) => {}
+                    Ok(Sent::Unsupported) => {
+                        st.walk.copy_from(offset);
+                        continue;
+                    }
+                    Err(e) => return regions.fail(e).map(|r| (r, st)),
                 }
-                Err(e) => return st.regions.fail(e).map(|r| (r, st)),
             }
-        }
-        if st.copying {
-            return copy_next(&mut st.copy, &mut st.regions)
-                .await
-                .map(|r| (r, st));
-        }
-        let region = match st.regions.next(MAX_REGION).await? {
-            Ok(r) => r,
-            Err(e) => return Some((Err(e), st)),
-        };
-        if region.complete {
-            // A stored blob may have left the page cache: read what is missing in on a
-            // blocking thread, so that sendfile does not wait for the disk on this worker.
-            let (file, offset, len) = (region.file.clone(), region.offset, region.len);
-            let read_in =
-                actix_web::rt::task::spawn_blocking(move || make_resident(&file, offset, len))
-                    .await
-                    .unwrap_or(false);
-            if read_in {
-                st.guard.0.shared().read_in.fetch_add(1, Ordering::Relaxed);
+            let region = match regions.next(MAX_REGION).await? {
+                Ok(r) => r,
+                Err(e) => return Some((Err(e), st)),
+            };
+            if region.complete {
+                // A stored blob may have left the page cache: read what is missing in on a
+                // blocking thread, so that sendfile does not wait for the disk on this worker.
+                let (file, offset, len) = (region.file.clone(), region.offset, region.len);
+                let read_in =
+                    actix_web::rt::task::spawn_blocking(move || make_resident(&file, offset, len))
+                        .await
+                        .unwrap_or(false);
+                if read_in {
+                    st.guard.0.shared().read_in.fetch_add(1, Ordering::Relaxed);
+                }
             }
+            st.queued = Some(region.offset);
+            let marker = st.guard.0.queue(region.file, region.offset, region.len);
+            return Some((Ok(marker), st));
         }
-        let marker = st
-            .guard
-            .0
-            .queue(region.file.clone(), region.offset, region.len);
-        st.queued = Some(region);
-        Some((Ok(marker), st))
     }))
-}
-
-/// Copying, after `sendfile` was refused: the next piece of `pending`, else of the next
-/// region.
-async fn copy_next(
-    pending: &mut Option<Region>,
-    regions: &mut BlobRegions,
-) -> Option<io::Result<Bytes>> {
-    const PIECE: usize = 512 * 1024;
-    let r = match pending.take() {
-        Some(r) => r,
-        None => match regions.next(PIECE).await? {
-            Ok(r) => r,
-            Err(e) => return Some(Err(e)),
-        },
-    };
-    let n = r.len.min(PIECE);
-    let (file, offset) = (r.file.clone(), r.offset);
-    let read = actix_web::rt::task::spawn_blocking(move || {
-        pullcache_actors::store::read_at(&file, offset, n)
-    })
-    .await;
-    match read {
-        Ok(Ok(b)) if b.len() == n => {
-            if n < r.len {
-                *pending = Some(Region {
-                    offset: r.offset + n as u64,
-                    len: r.len - n,
-                    ..r
-                });
-            }
-            Some(Ok(b))
-        }
-        Ok(Ok(_)) => regions.fail(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "blob file shorter than recorded",
-        )),
-        Ok(Err(e)) => regions.fail(e),
-        Err(e) => regions.fail(io::Error::other(e.to_string())),
-    }
 }
 
 /// Brings `len` bytes at `offset` of `file` into the page cache if probes find some of

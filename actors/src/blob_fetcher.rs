@@ -207,14 +207,7 @@ impl BlobSource {
                 r.next_chunk().await.map(|c| (c, r))
             }));
         }
-        let reader = BlobReader {
-            regions: BlobRegions::new(self, start, end),
-            ahead: None,
-            _active: ActiveReader::new(),
-        };
-        Box::pin(futures_util::stream::unfold(reader, |mut r| async move {
-            r.next_chunk().await.map(|c| (c, r))
-        }))
+        BlobRegions::new(self, start, end).into_stream()
     }
 
     /// The bytes `start..end` as regions of the blob's file, for a zero-copy sender
@@ -361,6 +354,26 @@ impl BlobRegions {
     pub fn fail<T>(&mut self, e: io::Error) -> Option<io::Result<T>> {
         self.done = true;
         Some(Err(e))
+    }
+
+    /// Walks again from `pos` (at most where it is now): a region handed out was not
+    /// delivered after all.
+    pub fn rewind(&mut self, pos: u64) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// The rest of the walk as bytes read from the file (the copying path).
+    pub fn into_stream(
+        self,
+    ) -> std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + 'static>> {
+        let reader = BlobReader {
+            regions: self,
+            ahead: None,
+            _active: ActiveReader::new(),
+        };
+        Box::pin(futures_util::stream::unfold(reader, |mut r| async move {
+            r.next_chunk().await.map(|c| (c, r))
+        }))
     }
 }
 

@@ -126,8 +126,9 @@ async fn a_blob_cached_for_one_upstream_needs_the_others_confirmation() {
     assert_eq!(Counts::get(&other.counts.blob_head), 2);
 }
 
-/// `server.listen = "localhost:0"` listens on every address localhost resolves to (IPv4 and,
-/// where configured, IPv6), and each of them answers.
+/// `server.listen = "localhost:0"` listens on every address localhost resolves to that can
+/// be bound here (IPv4 and, where configured, IPv6), and each of them answers. (Where
+/// localhost has a single address, only that one is checked.)
 #[actix_rt::test]
 async fn listens_on_every_address_the_name_resolves_to() {
     use std::net::ToSocketAddrs;
@@ -138,12 +139,15 @@ async fn listens_on_every_address_the_name_resolves_to() {
         vec![upstream("docker.io", &up.url(), true, Some("docker"))],
     );
     cfg.server.listen = "localhost:0".into();
-    let resolved = "localhost:0".to_socket_addrs().unwrap().count();
+    let bindable = "localhost:0"
+        .to_socket_addrs()
+        .unwrap()
+        .filter(|a| std::net::TcpListener::bind(a).is_ok())
+        .count();
     let running = pullcache::server::start(&cfg, pullcache_actors::Clock::manual(), false).unwrap();
     let handle = running.server.handle();
     actix_rt::spawn(running.server);
-    assert!(!running.addrs.is_empty());
-    assert!(running.addrs.len() <= resolved);
+    assert_eq!(running.addrs.len(), bindable, "{:?}", running.addrs);
     assert!(
         running.addrs.iter().any(|a| a.is_ipv4()),
         "{:?}",
