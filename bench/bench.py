@@ -49,12 +49,14 @@ MID_CLIENTS = env_int("BENCH_MID_CLIENTS", 16)
 WARM_CLIENTS = 4
 MANY_CLIENTS = env_int("BENCH_MANY_CLIENTS", 100)
 STARTUP_BLOBS = env_int("BENCH_STARTUP_BLOBS", 100000)
+COLD_MANIFESTS = env_int("BENCH_COLD_MANIFESTS", 200)
 PORT_BASE = env_int("BENCH_PORT_BASE", 36000)
 BUDGET = env_int("BENCH_BUDGET", 2400)
 KEEP_WORK = os.environ.get("KEEP_WORK") == "1"
+ALL_SECTIONS = "pulls,burst,manifests,coldmanifests,many,startup"
 SECTIONS = set(
     s.strip()
-    for s in os.environ.get("BENCH_SECTIONS", "pulls,burst,manifests,many,startup").split(",")
+    for s in os.environ.get("BENCH_SECTIONS", ALL_SECTIONS).split(",")
     if s.strip()
 )
 PULLCACHE_BIN = os.environ.get("PULLCACHE_BIN", "")
@@ -378,6 +380,37 @@ def push_image(port, img):
     st, h, body = http_get_put(port, f"/v2/{repo}/manifests/latest", img["manifest"])
     if st != 201 or h.get("docker-content-digest") != img["manifest_digest"]:
         raise RuntimeError(f"manifest push {repo}: HTTP {st} {h.get('docker-content-digest')} {body[:200]!r}")
+
+
+def push_cold_manifests(port, img, n):
+    """n distinct manifests (tags t0..t<n-1> of library/cold) of the small image's blobs,
+    each with its own annotation: n manifests no cache has seen. Returns {tag: digest}."""
+    repo = "library/cold"
+    for d in (img["layer"]["digest"], img["config_digest"]):
+        st, _, body = http_post(port, f"/v2/{repo}/blobs/uploads/?mount={d}&from={img['repo']}")
+        if st != 201:
+            raise RuntimeError(f"mount of {d} into {repo}: HTTP {st} {body[:200]!r}")
+    base = json.loads(img["manifest"])
+    out = {}
+    for i in range(n):
+        m = dict(base, annotations={"bench.cold": str(i)})
+        body = json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
+        st, h, b = http_get_put(port, f"/v2/{repo}/manifests/t{i}", body)
+        if st != 201:
+            raise RuntimeError(f"manifest push {repo}:t{i}: HTTP {st} {b[:200]!r}")
+        out[f"t{i}"] = "sha256:" + hashlib.sha256(body).hexdigest()
+    return out
+
+
+def http_post(port, path):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        c.request("POST", path, headers={"Content-Length": "0"})
+        r = c.getresponse()
+        b = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, b
+    finally:
+        c.close()
 
 
 def http_get_put(port, path, body):
@@ -866,6 +899,8 @@ class Bench:
         for img in self.images.values():
             push_image(self.up.port, img)
             os.remove(img["layer"]["path"])  # the upstream has it now; keep disk use at 1x
+        if "coldmanifests" in SECTIONS:
+            self.cold_tags = push_cold_manifests(self.up.port, self.images["small"], COLD_MANIFESTS)
         # the static baseline serves the upstream's own files (hard links, same page cache)
         st = NginxStatic("static", self.work)
         files = st.data_dir()
@@ -1079,6 +1114,50 @@ class Bench:
                 f"{w.get('p50_ms', 0):.2f} ms, p99 {w.get('p99_ms', 0):.2f} ms, upstream "
                 f"{len(ups)} requests for {w['requests']}")
 
+    def cold_manifests(self, s, rep):
+        """COLD_MANIFESTS manifests the cache has not seen, GET by tag one after the other
+        on one keep-alive connection: the latency of the cold manifest path (for pullcache:
+        the upstream round trip, digest check, storing the manifest and its tag durably)."""
+        srv = self.servers[s]
+        if srv.cacheable:
+            srv.restart(fresh=True)
+        else:
+            srv.ensure()
+        mark = self.alog.mark()
+        c0 = cpu_ticks(srv.pids())
+        lat, bad = [], []
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        try:
+            for tag, digest in self.cold_tags.items():
+                t = time.monotonic()
+                c.request("GET", f"/v2/library/cold/manifests/{tag}", headers={"Accept": OCI_MANIFEST})
+                r = c.getresponse()
+                body = r.read()
+                lat.append((time.monotonic() - t) * 1000)
+                if r.status != 200 or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+                    bad.append((tag, r.status, len(body)))
+        finally:
+            c.close()
+        cpu = (cpu_ticks(srv.pids()) - c0) / TICK
+        self.settle(srv, quiet=0.3, max_s=15)
+        ups = [e for e in self.alog.since(mark) if "/manifests/" in e[1]]
+        good = not bad
+        if bad:
+            self.anomaly(s, f"cold manifests rep {rep}", f"{len(bad)} wrong answers: {bad[:4]}")
+        lat_sorted = sorted(lat)
+        p50 = statistics.median(lat_sorted)
+        p99 = lat_sorted[min(len(lat_sorted) - 1, int(len(lat_sorted) * 0.99))]
+        self.add("cm_p50_ms", s, p50 if good else None)
+        self.add("cm_p99_ms", s, p99 if good else None)
+        self.add("cm_cpu_ms_per_req", s, cpu * 1000 / len(lat) if good else None)
+        if s != "upstream":
+            self.add("cm_upstream_per_req", s, len(ups) / len(lat))
+        self.extra.append({"figure": "cold_manifests", "system": s, "rep": rep,
+                           "latencies_ms": [round(x, 3) for x in lat], "cpu_s": cpu,
+                           "upstream_requests": len(ups), "bad": bad})
+        log(f"  {s:12s} {len(lat)} cold manifests: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+            f"{len(ups)} upstream manifest requests, CPU {cpu:.2f}s")
+
     # -- start-up with many cached blobs
     def startup_figure(self):
         d = os.path.join(self.work, "startup")
@@ -1246,6 +1325,8 @@ default = true
                     self.pulls(s, rep)
                 if "manifests" in SECTIONS:
                     self.manifests(s, rep)
+                if "coldmanifests" in SECTIONS and s != "static":
+                    self.cold_manifests(s, rep)
         if "many" in SECTIONS:
             log(f"=== {MANY_CLIENTS} concurrent warm pulls")
             for s in CACHES + ["static"]:
@@ -1290,6 +1371,10 @@ FIGURES = [
     ("m_tag_p99_ms", "  by tag: p99 latency, ms", "down"),
     ("m_tag_cpu_ms_per_1k", "  by tag: server CPU ms per 1000 requests", "down"),
     ("m_tag_upstream_per_req", "  by tag: upstream requests per client request", "none"),
+    ("cm_p50_ms", f"{COLD_MANIFESTS} cold manifests by tag, one after the other: p50 latency, ms", "down"),
+    ("cm_p99_ms", "  cold manifests: p99 latency, ms", "down"),
+    ("cm_cpu_ms_per_req", "  cold manifests: server CPU ms per request", "down"),
+    ("cm_upstream_per_req", "  cold manifests: upstream manifest requests per client request", "none"),
 ]
 
 
@@ -1336,7 +1421,8 @@ def report(b, elapsed, error=None):
             summary[key]["systems"][s] = entry
     sha = stats(b.samples.get("sha256_mbps", {}).get("machine", []))
 
-    quick = (BIG_MB, MID_MB, REPEAT, WRK_S) != (1024, 64, 3, 10) or STARTUP_BLOBS != 100000
+    quick = ((BIG_MB, MID_MB, REPEAT, WRK_S) != (1024, 64, 3, 10) or STARTUP_BLOBS != 100000
+             or SECTIONS != set(ALL_SECTIONS.split(",")))
     name = f"{b.stamp}-{'custom' if quick else 'full'}"
     os.makedirs(os.path.join(BENCH_DIR, "results"), exist_ok=True)
     cmd = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)

@@ -1161,10 +1161,13 @@ impl FillWriter {
         match self.store.commit(&tmp, &file, &digest) {
             Ok(_) => {
                 g.tmp = None;
+                // Durable at once (this thread may block): a crash now loses no record, so
+                // the blob needs no re-hash at the next start.
                 let rec = self
                     .meta
                     .record_blob(&digest, written, self.clock.now_ms())
-                    .and_then(|_| self.meta.link(&self.upstream_name, &digest));
+                    .and_then(|_| self.meta.link(&self.upstream_name, &digest))
+                    .and_then(|_| self.meta.flush().map(|_| ()));
                 if let Err(e) = rec {
                     tracing::error!(error = %e, digest = %digest, "could not record a stored blob");
                 }

@@ -327,7 +327,10 @@ impl Ctx {
             Ok(UpstreamManifest {
                 digest: Some(d), ..
             }) if d == digest => {
-                self.put_tag(upstream, repo, tag, &digest, now).await?;
+                // Only the time it was checked changes: a crash may lose that (the tag is
+                // then revalidated once more), so no flush on this path.
+                self.put_tag(upstream, repo, tag, &digest, now, false)
+                    .await?;
                 tracing::debug!(upstream = %name, repo, tag, "tag revalidated, unchanged");
                 Ok(answer(rec, digest, false))
             }
@@ -336,7 +339,7 @@ impl Ctx {
             }) => {
                 tracing::info!(upstream = %name, repo, tag, old = %digest, new = %d, "tag moved upstream");
                 if let Some(newrec) = self.cached(upstream, repo, &d).await? {
-                    self.put_tag(upstream, repo, tag, &d, now).await?;
+                    self.put_tag(upstream, repo, tag, &d, now, true).await?;
                     return Ok(answer(newrec, d, false));
                 }
                 self.fetch(upstream, repo, &d.to_string(), Some(&d), Some(tag))
@@ -356,7 +359,8 @@ impl Ctx {
                             repo: repo.into(),
                             tag: tag.into(),
                         })
-                        .await??;
+                        .await??
+                        .await?;
                 }
                 Err(EngineError::from_upstream(
                     e,
@@ -366,6 +370,8 @@ impl Ctx {
         }
     }
 
+    /// Records that `tag` is `digest`, checked at `now`; `durable`: on disk before this
+    /// returns (when the digest changed: the client is about to be given the new one).
     async fn put_tag(
         &self,
         upstream: usize,
@@ -373,12 +379,13 @@ impl Ctx {
         tag: &str,
         digest: &Digest,
         now: u64,
+        durable: bool,
     ) -> Result<(), EngineError> {
         let record = TagRecord {
             digest: digest.to_string(),
             checked_ms: now,
         };
-        Ok(self
+        let flushed = self
             .meta
             .send(PutTag {
                 upstream: self.name(upstream),
@@ -386,7 +393,11 @@ impl Ctx {
                 tag: tag.into(),
                 record,
             })
-            .await??)
+            .await??;
+        if durable {
+            flushed.await?;
+        }
+        Ok(())
     }
 
     /// GETs a manifest by `reference`, verifies it, stores it (and the tag), returns it.
@@ -453,7 +464,10 @@ impl Ctx {
                 }),
                 links,
             })
-            .await??;
+            .await??
+            // Durable before the client has it: a manifest served before a crash can be
+            // served after it with the upstream down, like the blobs it references.
+            .await?;
         Ok(ManifestAnswer {
             media_type,
             digest: actual,

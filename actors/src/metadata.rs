@@ -23,6 +23,10 @@ use crate::digest::Digest;
 use crate::error::MetaError;
 use crate::store::BlobStore;
 
+/// Resolves when the writes before it are durable: see [`MetadataStore::durable`].
+pub type Durable =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), MetaError>> + Send>>;
+
 /// Bumped when the on-disk format changes; part of the database directory name.
 const FORMAT: &str = "v1";
 
@@ -453,6 +457,18 @@ impl MetadataStore {
         Ok(self.db.flush()?)
     }
 
+    /// A future that resolves once everything written so far is on disk. sled makes writes
+    /// durable only at a flush (on its own timer, every 500 ms, otherwise); this one runs
+    /// on sled's own threads (`flush_async`), so no metadata thread waits for the fsync.
+    /// Nothing happens unless it is awaited.
+    pub fn durable(&self) -> Durable {
+        let db = self.db.clone();
+        Box::pin(async move {
+            db.flush_async().await?;
+            Ok(())
+        })
+    }
+
     /// Brings the store and the metadata into agreement after a restart or a crash. Runs
     /// before serving: removes temp files and stray files, drops records whose file is gone
     /// or has another size, and sets the usage counter to the bytes of the blobs kept.
@@ -679,8 +695,10 @@ pub struct GetManifest {
     pub digest: Digest,
 }
 
+/// Stores a manifest (and its tag); the answer is a [`Durable`] to await before the
+/// manifest is served, so that what a client was given survives a crash.
 #[derive(Message)]
-#[rtype(result = "Result<(), MetaError>")]
+#[rtype(result = "Result<Durable, MetaError>")]
 pub struct PutManifest {
     pub upstream: String,
     pub repo: String,
@@ -699,8 +717,10 @@ pub struct GetTag {
     pub tag: String,
 }
 
+/// Points a tag at a digest (or refreshes when it was checked); await the [`Durable`] when
+/// the digest changed.
 #[derive(Message)]
-#[rtype(result = "Result<(), MetaError>")]
+#[rtype(result = "Result<Durable, MetaError>")]
 pub struct PutTag {
     pub upstream: String,
     pub repo: String,
@@ -709,7 +729,7 @@ pub struct PutTag {
 }
 
 #[derive(Message)]
-#[rtype(result = "Result<(), MetaError>")]
+#[rtype(result = "Result<Durable, MetaError>")]
 pub struct DeleteTag {
     pub upstream: String,
     pub repo: String,
@@ -812,14 +832,15 @@ impl Handler<GetManifest> for Metadata {
 }
 
 impl Handler<PutManifest> for Metadata {
-    type Result = Result<(), MetaError>;
+    type Result = Result<Durable, MetaError>;
     fn handle(&mut self, m: PutManifest, _: &mut Self::Context) -> Self::Result {
         for d in &m.links {
             self.store.link(&m.upstream, d)?;
         }
         let tag = m.tag.as_ref().map(|(t, r)| (t.as_str(), r));
         self.store
-            .put_manifest(&m.upstream, &m.repo, &m.digest, &m.record, tag)
+            .put_manifest(&m.upstream, &m.repo, &m.digest, &m.record, tag)?;
+        Ok(self.store.durable())
     }
 }
 
@@ -831,16 +852,19 @@ impl Handler<GetTag> for Metadata {
 }
 
 impl Handler<PutTag> for Metadata {
-    type Result = Result<(), MetaError>;
+    type Result = Result<Durable, MetaError>;
     fn handle(&mut self, m: PutTag, _: &mut Self::Context) -> Self::Result {
-        self.store.put_tag(&m.upstream, &m.repo, &m.tag, &m.record)
+        self.store
+            .put_tag(&m.upstream, &m.repo, &m.tag, &m.record)?;
+        Ok(self.store.durable())
     }
 }
 
 impl Handler<DeleteTag> for Metadata {
-    type Result = Result<(), MetaError>;
+    type Result = Result<Durable, MetaError>;
     fn handle(&mut self, m: DeleteTag, _: &mut Self::Context) -> Self::Result {
-        self.store.delete_tag(&m.upstream, &m.repo, &m.tag)
+        self.store.delete_tag(&m.upstream, &m.repo, &m.tag)?;
+        Ok(self.store.durable())
     }
 }
 
