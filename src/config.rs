@@ -12,8 +12,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use pullcache_actors::settings::humantime_serde_compat;
-use pullcache_actors::upstream::parse_base_url;
 use pullcache_actors::{
     CacheSettings, EngineSettings, HealthSettings, StorageSettings, UpstreamSettings,
 };
@@ -56,7 +54,7 @@ pub struct ServerSettings {
     /// HTTP worker threads; 0 = one per CPU core.
     pub workers: usize,
     /// On SIGTERM/SIGINT: stop accepting, then give in-flight responses this long to finish.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Send cached blob bytes with `sendfile(2)` (page cache to socket, no copy through
     /// pullcache). `false` reads and writes them like any other body.
@@ -134,7 +132,7 @@ impl Config {
             .map_err(|e| ConfigError(e.to_string()))?;
         let mut cfg: Config = built
             .try_deserialize()
-            .map_err(|e| ConfigError(e.to_string()))?;
+            .map_err(|e| ConfigError(key_path_dots(&e.to_string())))?;
         cfg.expand_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -167,9 +165,6 @@ impl Config {
         if self.storage.root.as_os_str().is_empty() {
             return err("storage.root: must not be empty".into());
         }
-        if self.cache.tag_ttl.is_zero() {
-            // Zero would revalidate every request; allowed but worth saying? Keep it allowed.
-        }
         let s = &self.storage;
         if !(0.0 < s.low_watermark && s.low_watermark < s.high_watermark && s.high_watermark <= 1.0)
         {
@@ -178,20 +173,8 @@ impl Config {
                 s.low_watermark, s.high_watermark
             ));
         }
-        if s.max_size == Some(0) {
+        if s.max_size.is_some_and(|m| m.as_u64() == 0) {
             return err("storage.max_size: must be greater than zero".into());
-        }
-        for (i, p) in s.pin.iter().enumerate() {
-            if let Err(e) = pullcache_actors::eviction::PinPattern::parse(p) {
-                return err(format!("storage.pin[{i}]: {e}"));
-            }
-        }
-        for (i, r) in self.cache.immutable_tags.iter().enumerate() {
-            if let Err(e) = regex::Regex::new(r) {
-                return err(format!(
-                    "cache.immutable_tags[{i}]: invalid regex {r:?}: {e}"
-                ));
-            }
         }
         if self.health.threshold == 0
             || self.health.interval.is_zero()
@@ -222,12 +205,6 @@ impl Config {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'))
             {
                 return err(format!("{key}.name: {:?} must be a registry host name such as \"docker.io\" or \"myregistry:5000\"", u.name));
-            }
-            if u.url.is_empty() {
-                return err(format!("{key}.url: missing (e.g. \"https://ghcr.io\")"));
-            }
-            if let Err(e) = parse_base_url(u) {
-                return err(format!("{key}.url: {e}"));
             }
             if let Some(p) = &u.prefix {
                 if p.is_empty()
@@ -291,6 +268,30 @@ impl Config {
     }
 }
 
+/// The `config` crate names a key inside a list without the dot after the index
+/// (`upstreams[0]url`): put it back (`upstreams[0].url`), so errors name keys as the
+/// README and the other messages do.
+fn key_path_dots(msg: &str) -> String {
+    let Some(at) = msg.find("for key `") else {
+        return msg.to_string();
+    };
+    let (head, tail) = msg.split_at(at);
+    let mut out = String::with_capacity(msg.len() + 4);
+    out.push_str(head);
+    let mut chars = tail.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_alphanumeric() || *n == '_')
+        {
+            out.push('.');
+        }
+    }
+    out
+}
+
 /// Replaces every `${NAME}` with the variable's value; `Err(NAME)` if one is unset.
 fn expand(s: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::new();
@@ -330,7 +331,10 @@ mod tests {
         assert_eq!(c.cache.tag_ttl, Duration::from_secs(300));
         assert_eq!(c.upstreams.len(), 1);
         assert_eq!(c.upstreams[0].name, "docker.io");
-        assert_eq!(c.upstreams[0].url, "https://registry-1.docker.io");
+        assert_eq!(
+            c.upstreams[0].url.to_string(),
+            "https://registry-1.docker.io"
+        );
         assert!(c.upstreams[0].default);
         assert!(c.upstreams[0].uses_library_prefix());
     }
@@ -404,5 +408,156 @@ mod tests {
         assert_eq!(expand("x${A}y", &look).unwrap(), "x1y");
         assert_eq!(expand("plain", &look).unwrap(), "plain");
         assert_eq!(expand("${B}", &look).unwrap_err(), "B");
+    }
+
+    /// The value of `key` (`section.name`, or `upstreams[].name` for the first upstream)
+    /// in `c`, as JSON (`null` for an unset option).
+    fn value_of(c: &Config, key: &str) -> serde_json::Value {
+        let json = serde_json::to_value(c).unwrap();
+        match key.strip_prefix("upstreams[].") {
+            Some(k) => json["upstreams"][0][k].clone(),
+            None => {
+                let (section, k) = key.split_once('.').unwrap();
+                json[section][k].clone()
+            }
+        }
+    }
+
+    /// Every key the code has, with its default: the sections of `Config::default()`, and
+    /// an `[[upstreams]]` entry with nothing but its required keys.
+    fn code_defaults() -> std::collections::BTreeMap<String, serde_json::Value> {
+        let mut out = std::collections::BTreeMap::new();
+        let one = load_str(
+            "[[upstreams]]\nname = \"example\"\nurl = \"https://example.com\"\n",
+            &[],
+        )
+        .unwrap();
+        let json = serde_json::to_value(Config::default()).unwrap();
+        for (section, v) in json.as_object().unwrap() {
+            if section == "upstreams" {
+                continue;
+            }
+            for k in v.as_object().unwrap().keys() {
+                let key = format!("{section}.{k}");
+                out.insert(key.clone(), value_of(&Config::default(), &key));
+            }
+        }
+        let up = serde_json::to_value(&one.upstreams[0]).unwrap();
+        for k in up.as_object().unwrap().keys() {
+            let key = format!("upstreams[].{k}");
+            out.insert(key.clone(), value_of(&one, &key));
+        }
+        out
+    }
+
+    #[test]
+    fn the_embedded_file_states_exactly_the_defaults_in_code() {
+        let embedded = Config::load_with_env(None, Vec::new()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&embedded).unwrap(),
+            serde_json::to_value(Config::default()).unwrap(),
+            "config/pullcache.toml and Config::default() disagree"
+        );
+    }
+
+    /// The README's configuration table: every row's key exists in the code with the
+    /// default the row states, and every key of the code has a row.
+    #[test]
+    fn the_readme_table_states_every_key_with_its_default() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .expect("a Configuration section")
+            .split("\n## ")
+            .next()
+            .unwrap();
+        // key -> the default cell, as written
+        let mut stated = std::collections::BTreeMap::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let keys: Vec<&str> = cells[0].split('`').skip(1).step_by(2).collect::<Vec<_>>();
+            let first = keys[0];
+            let prefix = &first[..first.rfind('.').map_or(0, |i| i + 1)];
+            for k in &keys {
+                let key = if k.contains('.') {
+                    k.to_string()
+                } else {
+                    format!("{prefix}{k}")
+                };
+                stated.insert(key, cells[1].trim().to_string());
+            }
+        }
+        let code = code_defaults();
+        let stated_keys: Vec<&String> = stated.keys().collect();
+        let code_keys: Vec<&String> = code.keys().collect();
+        assert_eq!(
+            stated_keys, code_keys,
+            "README table keys vs keys in the code"
+        );
+        for (key, cell) in &stated {
+            let literal = cell
+                .strip_prefix('`')
+                .and_then(|c| c.strip_suffix('`'))
+                .filter(|c| !c.contains('`') && !code.contains_key(*c));
+            let want = &code[key];
+            match literal {
+                // The README states a value: it must be what the code uses when the key
+                // is left out (read through the code's own parser: "30d" is 30 days).
+                Some(lit) => {
+                    let doc = match key.strip_prefix("upstreams[].") {
+                        Some(k) => format!(
+                            "[[upstreams]]\nname = \"example\"\nurl = \"https://example.com\"\n{k} = {lit}\n"
+                        ),
+                        None => {
+                            let (section, k) = key.split_once('.').unwrap();
+                            format!("[{section}]\n{k} = {lit}\n")
+                        }
+                    };
+                    let c = load_str(&doc, &[])
+                        .unwrap_or_else(|e| panic!("README default of {key} ({lit}): {e}"));
+                    assert_eq!(&value_of(&c, key), want, "README default of {key}: {cell}");
+                }
+                // "required": leaving it out is an error.
+                None if cell == "required" => {
+                    let k = key.strip_prefix("upstreams[].").unwrap();
+                    let doc = "[[upstreams]]\nname = \"example\"\nurl = \"https://example.com\"\n"
+                        .lines()
+                        .filter(|l| !l.starts_with(&format!("{k} =")))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    let e = load_str(&doc, &[]).unwrap_err().to_string();
+                    assert!(e.contains(k), "leaving out {key}: {e}");
+                }
+                // Words ("none", "auto", "80% of ...", another key): the code has no value.
+                None => assert!(want.is_null(), "{key}: README says {cell}, code has {want}"),
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_patterns_and_urls_fail_naming_their_key() {
+        for (doc, key) in [
+            ("[storage]\nmax_size = -1\n", "storage.max_size"),
+            ("[storage]\nmax_size = 1.5\n", "storage.max_size"),
+            ("[storage]\nmax_size = \"12 parsecs\"\n", "storage.max_size"),
+            ("[storage]\npin = [\"alpine\"]\n", "storage.pin"),
+            (
+                "[cache]\nimmutable_tags = [\"(\"]\n",
+                "cache.immutable_tags",
+            ),
+            (
+                "[[upstreams]]\nname = \"a\"\nurl = \"https://u:p@a\"\n",
+                "upstreams[0].url",
+            ),
+        ] {
+            let e = load_str(doc, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{doc}: {e}");
+            assert!(!e.contains("untagged"), "{doc}: {e}");
+        }
+        let c = load_str("[storage]\nmax_size = \"1.5GiB\"\n", &[]).unwrap();
+        assert_eq!(c.storage.max_size.unwrap().as_u64(), 3 << 29);
+        let c = load_str("", &[("PULLCACHE_STORAGE__MAX_SIZE", "1048576")]).unwrap();
+        assert_eq!(c.storage.max_size.unwrap().as_u64(), 1 << 20);
     }
 }

@@ -137,13 +137,18 @@ impl From<EngineError> for ApiError {
                 tracing::error!(error = %msg, "refusing upstream content");
                 ApiError::oci(StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid, msg)
             }
-            EngineError::Storage(_) => {
-                tracing::error!(error = %msg, "storage failure");
+            EngineError::Storage { .. } | EngineError::Metadata(_) | EngineError::Internal(_) => {
+                // The detail (with its source chain) goes to the log, not to the client.
+                tracing::error!(error = %msg, source = ?std::error::Error::source(&e), "storage failure");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     Code::Unknown,
                     "internal storage error",
                 )
+            }
+            EngineError::WaitTimedOut { .. } => {
+                tracing::warn!(error = %msg, "a blob download stalled");
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, Code::Unavailable, msg)
             }
             EngineError::UpstreamDown(_) | EngineError::StaleTooOld { .. } => ApiError {
                 retry_after: Some(30),

@@ -38,7 +38,7 @@ pub struct Running {
 /// Starts the engine and binds the HTTP server. Must be called inside an actix `System`.
 /// `handle_signals`: stop gracefully on SIGTERM/SIGINT (the daemon); tests stop by handle.
 pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Running, String> {
-    let engine = Engine::start(config.engine_settings(), clock)?;
+    let engine = Engine::start(config.engine_settings(), clock).map_err(|e| e.to_string())?;
     let state = web::Data::new(AppState {
         engine: engine.clone(),
         router: Router::new(&config.upstreams),

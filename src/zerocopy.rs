@@ -14,10 +14,9 @@
 //! chunking, so actix neither counts nor frames the body bytes.
 //!
 //! The socket is non-blocking: `sendfile` sends what fits and the job waits for the socket
-//! to become writable again, like any write. Before a stored region is queued, a blocking
-//! thread checks that its pages are in the page cache (1-byte `preadv2(RWF_NOWAIT)` probes
-//! every MiB) and, if some are not, reads them in (`sendfile` to `/dev/null`: no copy to
-//! user space), so the worker thread does not wait for the disk.
+//! to become writable again, like any write. The engine hands out a stored region only once
+//! its pages are in the page cache (it reads them in on a blocking thread if they left:
+//! `BlobRegions::next`), so the worker thread does not wait for the disk.
 //!
 //! A filesystem that refuses `sendfile` (EINVAL/ENOSYS/EOPNOTSUPP before a byte of the
 //! region went out) switches the process to copying: that body goes on with read bytes and
@@ -96,6 +95,7 @@ impl ConnIo {
                 Poll::Pending => return Poll::Pending,
             }
             let n = remaining.min(SEND_BUDGET);
+            #[cfg(feature = "test-hooks")]
             if self.slot.shared.refuse.load(Ordering::Relaxed) {
                 return Poll::Ready(Err(Errno::INVAL.into()));
             }
@@ -264,9 +264,8 @@ pub struct ZeroCopy {
     sent: AtomicU64,
     /// Set once `sendfile` has been refused: every later body is copied.
     unsupported: AtomicBool,
-    /// Stored regions that were not in the page cache and were read in before sending.
-    read_in: AtomicU64,
     /// Test hook: act as if the filesystem refused `sendfile`.
+    #[cfg(feature = "test-hooks")]
     refuse: AtomicBool,
 }
 
@@ -276,18 +275,13 @@ impl ZeroCopy {
         self.sent.load(Ordering::Relaxed)
     }
 
-    /// Stored regions read into the page cache before being sent (they were not there).
-    pub fn regions_read_in(&self) -> u64 {
-        self.read_in.load(Ordering::Relaxed)
-    }
-
     /// Whether blob bodies are still sent with `sendfile`.
     pub fn available(&self) -> bool {
         !self.unsupported.load(Ordering::Relaxed)
     }
 
-    /// For tests: make `sendfile` fail as on a filesystem that does not support it.
-    #[doc(hidden)]
+    /// Test hook: make `sendfile` fail as on a filesystem that does not support it.
+    #[cfg(feature = "test-hooks")]
     pub fn inject_refusal(&self, on: bool) {
         self.refuse.store(on, Ordering::Relaxed);
     }
@@ -428,64 +422,12 @@ pub fn sendfile_body(
                 Ok(r) => r,
                 Err(e) => return Some((Err(e), st)),
             };
-            if region.complete {
-                // A stored blob may have left the page cache: read what is missing in on a
-                // blocking thread, so that sendfile does not wait for the disk on this worker.
-                let (file, offset, len) = (region.file.clone(), region.offset, region.len);
-                let read_in =
-                    actix_web::rt::task::spawn_blocking(move || make_resident(&file, offset, len))
-                        .await
-                        .unwrap_or(false);
-                if read_in {
-                    st.guard.0.shared().read_in.fetch_add(1, Ordering::Relaxed);
-                }
-            }
             st.queued = Some(region.offset);
-            let marker = st.guard.0.queue(region.file, region.offset, region.len);
+            let marker = st
+                .guard
+                .0
+                .queue(region.file().clone(), region.offset, region.len);
             return Some((Ok(marker), st));
         }
     }))
-}
-
-/// Brings `len` bytes at `offset` of `file` into the page cache if probes find some of
-/// them missing (blocking: run it on a blocking thread). `true` if it read them in.
-fn make_resident(file: &File, offset: u64, len: usize) -> bool {
-    const STEP: u64 = 1024 * 1024;
-    let end = offset + len as u64;
-    let mut probe = [0u8; 1];
-    let missing = (0..)
-        .map(|i| offset + i * STEP)
-        .take_while(|&at| at < end)
-        .chain(std::iter::once(end.saturating_sub(1)))
-        .any(|at| {
-            !matches!(
-                rustix::io::preadv2(
-                    file,
-                    &mut [io::IoSliceMut::new(&mut probe)],
-                    at,
-                    rustix::io::ReadWriteFlags::NOWAIT,
-                ),
-                Ok(1)
-            )
-        });
-    if !missing {
-        return false;
-    }
-    static DEV_NULL: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
-    let Some(null) = DEV_NULL
-        .get_or_init(|| File::options().write(true).open("/dev/null").ok())
-        .as_ref()
-    else {
-        return false;
-    };
-    // Through the page cache into /dev/null: the pages are read, nothing is copied.
-    let mut off = offset;
-    while off < end {
-        let left = (end - off) as usize;
-        match rustix::fs::sendfile(null, file, Some(&mut off), left) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-    true
 }

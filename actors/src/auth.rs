@@ -168,9 +168,15 @@ impl TokenCache {
     }
 }
 
-/// Whether a token realm may receive our credentials: same host as the registry, or the
-/// same registrable domain (last two labels; `auth.docker.io` for `registry-1.docker.io`).
-/// IP literals and `localhost` must match exactly.
+/// Whether a token realm may receive our credentials: the registry's own host, or a host
+/// of the same registrable domain (`auth.docker.io` for `registry-1.docker.io`), by the
+/// public suffix list (the `psl` crate, which embeds it). Comparing the last two labels
+/// instead would let `evil.co.uk` or `evil.azurecr.io` (public suffixes, where anyone can
+/// hold a name) receive the credentials of `registry.example.co.uk` or `x.azurecr.io`.
+/// The list does not name every multi-tenant registry service: under the domains in
+/// [`TENANT_DOMAINS`] each name is another customer's registry, so there the realm must be
+/// on the registry's own name. IP literals and single-label hosts (`localhost`) must match
+/// exactly.
 pub fn realm_allowed(registry_host: &str, realm_host: &str) -> bool {
     if registry_host.eq_ignore_ascii_case(realm_host) {
         return true;
@@ -179,15 +185,42 @@ pub fn realm_allowed(registry_host: &str, realm_host: &str) -> bool {
     if is_ip(registry_host) || is_ip(realm_host) || !registry_host.contains('.') {
         return false;
     }
-    let base = |h: &str| {
-        let labels: Vec<&str> = h.rsplitn(3, '.').collect();
-        if labels.len() >= 2 {
-            format!("{}.{}", labels[1], labels[0]).to_ascii_lowercase()
-        } else {
-            h.to_ascii_lowercase()
+    let registrable = |h: &str| {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(tenant) = TENANT_DOMAINS.iter().find_map(|d| tenant_of(&h, d)) {
+            return Some(tenant);
         }
+        psl::domain_str(&h).map(str::to_string)
     };
-    base(registry_host) == base(realm_host)
+    match (registrable(registry_host), registrable(realm_host)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Registry services that give each customer a name under one domain, and are not (yet)
+/// public suffixes in the public suffix list: Azure Container Registry (`<name>.azurecr.io`
+/// and its sovereign clouds), JFrog Artifactory cloud (`<name>.jfrog.io`), Amazon ECR
+/// (`<account>.dkr.ecr.<region>.amazonaws.com`, `*` = one label).
+pub const TENANT_DOMAINS: &[&str] = &[
+    "azurecr.io",
+    "azurecr.cn",
+    "azurecr.us",
+    "jfrog.io",
+    "dkr.ecr.*.amazonaws.com",
+    "dkr.ecr.*.amazonaws.com.cn",
+];
+
+/// `<tenant>.<domain>` if `host` is a name under `domain` (whose `*` matches one label).
+fn tenant_of(host: &str, domain: &str) -> Option<String> {
+    let mut labels: Vec<&str> = host.split('.').collect();
+    let pattern: Vec<&str> = domain.split('.').collect();
+    if labels.len() <= pattern.len() {
+        return None;
+    }
+    let tail = labels.split_off(labels.len() - pattern.len());
+    let matches = tail.iter().zip(&pattern).all(|(l, p)| *p == "*" || l == p);
+    matches.then(|| format!("{}.{}", labels.last().expect("a label"), tail.join(".")))
 }
 
 #[cfg(test)]
@@ -255,6 +288,24 @@ mod tests {
         assert!(!realm_allowed("127.0.0.1", "127.0.0.2"));
         assert!(!realm_allowed("ghcr.io", "evil.example"));
         assert!(!realm_allowed("registry.example.com", "169.254.169.254"));
+        assert!(realm_allowed("REGISTRY.example.com", "auth.example.com"));
+        // Public suffixes: a name under one belongs to whoever registered it.
+        assert!(!realm_allowed("x.azurecr.io", "evil.azurecr.io"));
+        assert!(realm_allowed("x.azurecr.io", "x.azurecr.io"));
+        assert!(!realm_allowed("registry.example.co.uk", "evil.co.uk"));
+        assert!(!realm_allowed("registry.example.co.uk", "auth.other.co.uk"));
+        assert!(realm_allowed(
+            "registry.example.co.uk",
+            "auth.example.co.uk"
+        ));
+        assert!(!realm_allowed("localhost", "evil.localhost"));
+        assert!(!realm_allowed(
+            "123.dkr.ecr.us-east-1.amazonaws.com",
+            "456.dkr.ecr.us-east-1.amazonaws.com"
+        ));
+        assert!(!realm_allowed("acme.jfrog.io", "evil.jfrog.io"));
+        // Docker Hub, GitLab: the token service is another host of the same domain.
+        assert!(realm_allowed("registry.gitlab.com", "gitlab.com"));
         assert_eq!(basic_header("u", "p"), "Basic dTpw");
     }
 }

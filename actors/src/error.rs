@@ -1,7 +1,11 @@
 //! The engine's error types. The HTTP layer maps them to OCI error JSON (`src/error.rs`);
-//! here they say what went wrong, by cause, without credentials in any message.
+//! here they say what went wrong, by cause, keeping the underlying error as the source,
+//! without credentials in any message.
 
+use std::fmt;
+use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::digest::Digest;
 
@@ -48,6 +52,25 @@ impl UpstreamError {
     }
 }
 
+/// What a request was about, for errors: an upstream's 404 means "blob unknown", "manifest
+/// unknown" or "repository unknown" depending on it.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Blob(Digest),
+    Manifest { repo: String, reference: String },
+    Repository(String),
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Object::Blob(d) => write!(f, "blob {d}"),
+            Object::Manifest { repo, reference } => write!(f, "manifest {repo}:{reference}"),
+            Object::Repository(r) => write!(f, "repository {r}"),
+        }
+    }
+}
+
 /// What a request to the engine can end in, besides success.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
@@ -65,12 +88,28 @@ pub enum EngineError {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("manifest refused: {0}")]
     ManifestRefused(String),
-    #[error("storage error: {0}")]
-    Storage(String),
+    /// A file system call on the blob store failed.
+    #[error("storage error {context}: {source}")]
+    Storage {
+        context: &'static str,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error(transparent)]
+    Metadata(#[from] MetaError),
     #[error("cache engine unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] actix::MailboxError),
+    /// A broken invariant inside pullcache (a thread or task that died).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     #[error("download abandoned before it finished")]
     Abandoned,
+    /// A reader waited for a download that showed no progress for `after`.
+    #[error("timed out {stage}: no progress for {}", humantime::format_duration(*after))]
+    WaitTimedOut {
+        stage: &'static str,
+        after: Duration,
+    },
     /// Health probes say the upstream is down and the answer is not cached.
     #[error("upstream {0} is down (health probes failing) and this is not cached")]
     UpstreamDown(String),
@@ -88,18 +127,24 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// Maps an upstream answer for a given kind of object into the engine's vocabulary:
-    /// a 404 becomes "unknown", an anonymous 401 becomes "repository unknown" (never relay a
-    /// challenge to clients), refused credentials become "denied".
-    pub fn from_upstream(e: UpstreamError, what: &str) -> EngineError {
+    /// A blob store error, with what was being done.
+    pub fn storage(context: &'static str, source: io::Error) -> EngineError {
+        EngineError::Storage {
+            context,
+            source: Arc::new(source),
+        }
+    }
+
+    /// Maps an upstream answer about `what` into the engine's vocabulary: a 404 becomes
+    /// "unknown", an anonymous 401 becomes "repository unknown" (never relay a challenge to
+    /// clients), refused credentials become "denied".
+    pub fn from_upstream(e: UpstreamError, what: Object) -> EngineError {
         match e {
-            UpstreamError::Status { status: 404, .. } => {
-                if what.starts_with("blob") {
-                    EngineError::BlobUnknown(what.to_string())
-                } else {
-                    EngineError::ManifestUnknown(what.to_string())
-                }
-            }
+            UpstreamError::Status { status: 404, .. } => match what {
+                Object::Blob(_) => EngineError::BlobUnknown(what.to_string()),
+                Object::Manifest { .. } => EngineError::ManifestUnknown(what.to_string()),
+                Object::Repository(_) => EngineError::NameUnknown(what.to_string()),
+            },
             UpstreamError::Unauthorized {
                 anonymous: true, ..
             } => EngineError::NameUnknown(format!(
@@ -114,17 +159,16 @@ impl EngineError {
             other => EngineError::Upstream(other),
         }
     }
-}
 
-impl From<actix::MailboxError> for EngineError {
-    fn from(e: actix::MailboxError) -> Self {
-        EngineError::Unavailable(e.to_string())
-    }
-}
-
-impl From<MetaError> for EngineError {
-    fn from(e: MetaError) -> Self {
-        EngineError::Storage(e.to_string())
+    /// As the error a body stream ends with (the HTTP layer then aborts the connection).
+    pub fn into_io(self) -> io::Error {
+        match self {
+            EngineError::WaitTimedOut { .. } => {
+                io::Error::new(io::ErrorKind::TimedOut, "no progress from upstream")
+            }
+            EngineError::Abandoned => io::Error::other("download abandoned"),
+            e => io::Error::other(e.to_string()),
+        }
     }
 }
 
@@ -132,9 +176,12 @@ impl From<MetaError> for EngineError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MetaError {
     #[error("metadata database: {0}")]
-    Db(Arc<sled::Error>),
+    Db(#[source] Arc<sled::Error>),
     #[error("metadata record corrupt: {0}")]
     Corrupt(String),
+    /// The metadata actor does not answer (stopped).
+    #[error("metadata actor unavailable: {0}")]
+    Gone(#[source] actix::MailboxError),
 }
 
 impl From<sled::Error> for MetaError {

@@ -1,58 +1,36 @@
 //! The eviction sweeper actor owns the disk budget. The metadata keeps the bytes stored as
 //! an exact counter; when they pass `high_watermark * max_size`, the sweeper deletes
 //! least-recently-used blobs (an ordered scan of the access index) until usage is under
-//! `low_watermark * max_size`. It runs on a timer, right after large downloads, and when a
-//! write hits ENOSPC. Pinned images (`storage.pin`) are never evicted, and repositories
+//! `low_watermark * max_size`. It runs on a timer, right after stored downloads, and when
+//! a write hits ENOSPC. Pinned images (`storage.pin`) are never evicted, and repositories
 //! nobody pulled for `manifest_max_idle` lose their manifests and tags.
 //!
-//! A sweep does file and sled work, so it runs on its own thread; the actor only decides
-//! when, keeps one sweep at a time, and reports its state (`Idle`, `Busy`, or `Throttled`
-//! after consecutive failures, with back-off).
+//! A sweep is a task of this actor: it asks the metadata actor for what the pins keep,
+//! then removes records a step at a time ([`EvictLru`]: at most [`STEP`] per message, so
+//! the metadata threads keep answering requests in between), and deletes the files of
+//! each step on the blocking pool. The actor decides when, keeps one sweep at a time, and
+//! reports its state: `Idle`, `Busy`, or `Throttled` after consecutive failures, with
+//! back-off.
 //!
 //! Safety of concurrent reads: a blob's record is removed before its file. A client that
 //! already opened the file keeps reading it whole (the inode lives while it is open); a
 //! client that looks it up afterwards fetches it again. A crash between the two steps
 //! leaves a file without a record, which start-up recovery re-hashes and keeps.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use regex::Regex;
 use serde::Serialize;
 
 use crate::clock::Clock;
-use crate::digest::Digest;
-use crate::manifest_resolver::{child_manifests, referenced_blobs};
-use crate::metadata::MetadataStore;
+use crate::error::MetaError;
+use crate::metadata::{DropIdleRepositories, EvictLru, MetaHandle, PinnedContent};
+use crate::settings::PinPattern;
 use crate::store::BlobStore;
 
-/// An `upstream/repository:tag` pattern where `*` matches any run of characters.
-#[derive(Debug, Clone)]
-pub struct PinPattern {
-    re: Regex,
-}
-
-impl PinPattern {
-    pub fn parse(p: &str) -> Result<PinPattern, String> {
-        let (image, tag) = p
-            .rsplit_once(':')
-            .filter(|(i, t)| i.contains('/') && !t.contains('/') && !t.is_empty())
-            .ok_or_else(|| {
-                format!(
-                    "{p:?} must look like \"docker.io/library/alpine:*\" (upstream/repository:tag)"
-                )
-            })?;
-        let glob = |s: &str| regex::escape(s).replace("\\*", ".*");
-        let re =
-            Regex::new(&format!("^{}:{}$", glob(image), glob(tag))).map_err(|e| e.to_string())?;
-        Ok(PinPattern { re })
-    }
-
-    pub fn matches(&self, upstream: &str, repo: &str, tag: &str) -> bool {
-        self.re.is_match(&format!("{upstream}/{repo}:{tag}"))
-    }
-}
+/// Records removed per step of a sweep.
+const STEP: usize = 256;
 
 /// What the sweeper is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,13 +71,13 @@ pub struct Budget {
     pub max_size: u64,
     pub high: f64,
     pub low: f64,
-    pub pins: Vec<PinPattern>,
+    pub pins: Arc<[PinPattern]>,
     pub manifest_max_idle: Duration,
     pub interval: Duration,
 }
 
 pub struct Eviction {
-    meta: MetadataStore,
+    meta: MetaHandle,
     store: BlobStore,
     budget: Budget,
     clock: Clock,
@@ -113,12 +91,12 @@ pub struct Eviction {
 
 impl Eviction {
     pub fn start(
-        meta: MetadataStore,
+        meta: MetaHandle,
         store: BlobStore,
         budget: Budget,
         clock: Clock,
-    ) -> Addr<Eviction> {
-        Eviction {
+    ) -> EvictionHandle {
+        let addr = Eviction {
             meta,
             store,
             budget,
@@ -129,7 +107,8 @@ impl Eviction {
             totals: (0, 0, 0),
             last_error: None,
         }
-        .start()
+        .start();
+        EvictionHandle { addr }
     }
 
     fn over_high(&self) -> bool {
@@ -151,21 +130,11 @@ impl Eviction {
             self.budget.clone(),
             self.clock.now_ms(),
         );
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name("sweeper".into())
-            .spawn(move || {
-                let _ = tx.send(sweep(&meta, &store, &budget, now, full));
-            });
-        if let Err(e) = spawned {
-            self.state = SweepState::Idle;
-            tracing::error!(error = %e, "cannot start the eviction sweeper");
-            return;
-        }
-        ctx.spawn(fut::wrap_future::<_, Self>(rx).map(|res, act, ctx| {
+        let task = async move { sweep(&meta, &store, &budget, now, full).await };
+        ctx.spawn(task.into_actor(self).map(|res, act, ctx| {
             act.state = SweepState::Idle;
             match res {
-                Ok(Ok(r)) => {
+                Ok(r) => {
                     act.failures = 0;
                     act.last_error = None;
                     act.totals.0 += r.evicted_blobs;
@@ -182,8 +151,7 @@ impl Eviction {
                         );
                     }
                 }
-                Ok(Err(e)) => return act.fail(ctx, e.to_string()),
-                Err(_) => return act.fail(ctx, "the sweeper thread died".into()),
+                Err(e) => return act.fail(ctx, e.to_string()),
             }
             if std::mem::take(&mut act.again) || act.over_high() {
                 act.run_sweep(ctx, false);
@@ -258,71 +226,60 @@ impl Handler<Status> for Eviction {
     }
 }
 
-/// Blobs and repositories (upstream, repository) that pinned tags keep.
-type Pinned = (HashSet<Digest>, HashSet<(String, String)>);
-
-fn pinned(meta: &MetadataStore, pins: &[PinPattern]) -> Result<Pinned, crate::error::MetaError> {
-    let mut blobs = HashSet::new();
-    let mut repos = HashSet::new();
-    if pins.is_empty() {
-        return Ok((blobs, repos));
-    }
-    for (u, r, t, digest) in meta.all_tags()? {
-        if !pins.iter().any(|p| p.matches(&u, &r, &t)) {
-            continue;
-        }
-        repos.insert((u.clone(), r.clone()));
-        let mut todo: Vec<Digest> = Digest::parse(&digest).into_iter().collect();
-        let mut seen = HashSet::new();
-        while let Some(d) = todo.pop() {
-            if !seen.insert(d.clone()) || seen.len() > 10_000 {
-                continue;
-            }
-            let Some(m) = meta.manifest(&u, &r, &d)? else {
-                continue;
-            };
-            todo.extend(child_manifests(&m.media_type, &m.bytes));
-            blobs.extend(referenced_blobs(&m.media_type, &m.bytes));
-        }
-    }
-    Ok((blobs, repos))
-}
-
-/// One sweep (blocking). `full`: also drop idle repositories.
-pub fn sweep(
-    meta: &MetadataStore,
+/// One sweep. `full`: also drop idle repositories.
+pub async fn sweep(
+    meta: &MetaHandle,
     store: &BlobStore,
     b: &Budget,
     now_ms: u64,
     full: bool,
-) -> Result<SweepReport, crate::error::MetaError> {
+) -> Result<SweepReport, MetaError> {
     let mut report = SweepReport::default();
-    let (pinned_blobs, pinned_repos) = pinned(meta, &b.pins)?;
+    let pinned = meta
+        .ask(PinnedContent {
+            pins: b.pins.clone(),
+        })
+        .await??;
     if full {
-        let before = now_ms.saturating_sub(b.manifest_max_idle.as_millis() as u64);
-        report.repositories_dropped = meta.drop_idle_repositories(before, |u, r| {
-            pinned_repos.contains(&(u.to_string(), r.to_string()))
-        })? as u64;
+        let before_ms = now_ms.saturating_sub(b.manifest_max_idle.as_millis() as u64);
+        report.repositories_dropped = meta
+            .ask(DropIdleRepositories {
+                before_ms,
+                keep: pinned.repos,
+            })
+            .await?? as u64;
     }
     let high = (b.high * b.max_size as f64) as u64;
     let low = (b.low * b.max_size as f64) as u64;
     if meta.usage() > high {
-        let victims: Vec<Digest> = meta.lru().collect();
-        for d in victims {
-            if meta.usage() <= low {
-                break;
-            }
-            if pinned_blobs.contains(&d) {
-                report.skipped_pinned += 1;
-                continue;
-            }
-            // Record first, then the file (see the module comment).
-            if let Some(size) = meta.remove_blob(&d)? {
-                if let Err(e) = store.remove_blob(&d) {
-                    tracing::warn!(digest = %d, error = %e, "could not delete an evicted blob's file");
+        let pinned = Arc::new(pinned.blobs);
+        let mut after = None;
+        loop {
+            let step = meta
+                .ask(EvictLru {
+                    target: low,
+                    pinned: pinned.clone(),
+                    after,
+                    max: STEP,
+                })
+                .await??;
+            report.skipped_pinned += step.skipped_pinned;
+            report.evicted_blobs += step.removed.len() as u64;
+            report.evicted_bytes += step.removed.iter().map(|(_, s)| s).sum::<u64>();
+            // The records are gone: now the files (blocking file system calls).
+            let s = store.clone();
+            let removed = step.removed;
+            let _ = tokio::task::spawn_blocking(move || {
+                for (d, _) in removed {
+                    if let Err(e) = s.remove_blob(&d) {
+                        tracing::warn!(digest = %d, error = %e, "could not delete an evicted blob's file");
+                    }
                 }
-                report.evicted_blobs += 1;
-                report.evicted_bytes += size;
+            })
+            .await;
+            match step.next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
         if meta.usage() > low {
@@ -335,14 +292,14 @@ pub fn sweep(
         }
     }
     report.usage_after = meta.usage();
-    meta.flush()?;
+    meta.flush().await?;
     Ok(report)
 }
 
 /// What other actors hold.
 #[derive(Clone)]
 pub struct EvictionHandle {
-    pub(crate) addr: Addr<Eviction>,
+    addr: Addr<Eviction>,
 }
 
 impl EvictionHandle {
@@ -358,29 +315,13 @@ impl EvictionHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Digest;
+    use crate::metadata::{LookupBlob, ManifestRecord, Metadata, PutManifest, TagRecord};
+    use crate::testing::{sha256 as d, Fixture};
 
-    #[test]
-    fn pin_patterns() {
-        let p = PinPattern::parse("docker.io/library/alpine:*").unwrap();
-        assert!(p.matches("docker.io", "library/alpine", "3.20"));
-        assert!(!p.matches("docker.io", "library/alpine2", "3.20"));
-        assert!(!p.matches("ghcr.io", "library/alpine", "3.20"));
-        let p = PinPattern::parse("*/org/*:v1.*").unwrap();
-        assert!(p.matches("ghcr.io", "org/app", "v1.2"));
-        assert!(!p.matches("ghcr.io", "org/app", "v2.0"));
-        assert!(PinPattern::parse("alpine").is_err());
-        assert!(PinPattern::parse("docker.io/alpine:").is_err());
-    }
-
-    fn d(b: &[u8]) -> Digest {
-        Digest::of_bytes(crate::digest::Algorithm::Sha256, b)
-    }
-
-    #[test]
-    fn sweep_evicts_lru_until_low_watermark_and_keeps_pins() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).unwrap();
-        let meta = MetadataStore::open(dir.path()).unwrap();
+    #[actix_rt::test]
+    async fn sweep_evicts_lru_until_low_watermark_and_keeps_pins() {
+        let fx = Fixture::new();
         let blobs: Vec<(Digest, Vec<u8>)> = (0..10u8)
             .map(|i| {
                 let b = vec![i; 100];
@@ -388,66 +329,103 @@ mod tests {
             })
             .collect();
         for (i, (dg, b)) in blobs.iter().enumerate() {
-            let p = store.blob_path(dg);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, b).unwrap();
-            meta.record_blob(dg, 100, 1000 * (i as u64 + 1)).unwrap();
+            fx.put_file(dg, b);
+            fx.db.record_blob(dg, 100, 1000 * (i as u64 + 1)).unwrap();
         }
+        let store = fx.store.clone();
+        let meta = Metadata::start(fx.db);
         // Pin blob 0 (the oldest) through a pinned tag's manifest.
         let m = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":100}},"layers":[]}}"#,
             blobs[0].0
         );
         let md = d(m.as_bytes());
-        let rec = crate::metadata::ManifestRecord {
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            bytes: bytes::Bytes::from(m),
-            fetched_ms: 1,
+        let put = |repo: &str| PutManifest {
+            upstream: "docker.io".into(),
+            repo: repo.into(),
+            digest: md.clone(),
+            record: ManifestRecord {
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes: bytes::Bytes::from(m.clone()),
+                fetched_ms: 1,
+            },
+            tag: Some((
+                "1".into(),
+                TagRecord {
+                    digest: md.to_string(),
+                    checked_ms: 1,
+                },
+            )),
+            links: vec![],
         };
-        let tag = crate::metadata::TagRecord {
-            digest: md.to_string(),
-            checked_ms: 1,
-        };
-        meta.put_manifest("docker.io", "library/keep", &md, &rec, Some(("1", &tag)))
+        meta.ask(put("library/keep"))
+            .await
+            .unwrap()
+            .unwrap()
+            .await
             .unwrap();
         assert_eq!(meta.usage(), 1000);
         let budget = Budget {
             max_size: 1000,
             high: 0.9,
             low: 0.5,
-            pins: vec![PinPattern::parse("docker.io/library/keep:*").unwrap()],
+            pins: vec![PinPattern::parse("docker.io/library/keep:*").unwrap()].into(),
             manifest_max_idle: Duration::from_secs(3600),
             interval: Duration::from_secs(30),
         };
-        let r = sweep(&meta, &store, &budget, 20_000, false).unwrap();
+        let r = sweep(&meta, &store, &budget, 20_000, false).await.unwrap();
         // From 1000 to <= 500: five blobs go, the oldest unpinned first; blob 0 stays.
         assert_eq!(r.evicted_blobs, 5);
         assert_eq!(meta.usage(), 500);
         assert_eq!(r.skipped_pinned, 1);
         assert!(store.blob_path(&blobs[0].0).exists());
+        let recorded = |dg: Digest| {
+            let meta = meta.clone();
+            async move {
+                let l = meta
+                    .ask(LookupBlob {
+                        upstream: None,
+                        digest: dg,
+                    })
+                    .await;
+                l.unwrap().unwrap().record.is_some()
+            }
+        };
         for (dg, _) in &blobs[1..6] {
             assert!(!store.blob_path(dg).exists());
-            assert!(meta.blob(dg).unwrap().is_none());
+            assert!(!recorded(dg.clone()).await);
         }
         for (dg, _) in &blobs[6..] {
             assert!(store.blob_path(dg).exists());
         }
         // Under the high watermark: nothing to do.
-        assert_eq!(
-            sweep(&meta, &store, &budget, 20_000, false)
-                .unwrap()
-                .evicted_blobs,
-            0
-        );
+        let r = sweep(&meta, &store, &budget, 20_000, false).await.unwrap();
+        assert_eq!(r.evicted_blobs, 0);
         // Idle repositories lose their manifests, unless pinned.
-        meta.put_manifest("docker.io", "library/old", &md, &rec, Some(("1", &tag)))
+        meta.ask(put("library/old"))
+            .await
+            .unwrap()
+            .unwrap()
+            .await
             .unwrap();
         let later = 1 + 3600 * 1000 + 1;
-        let r = sweep(&meta, &store, &budget, later, true).unwrap();
+        let r = sweep(&meta, &store, &budget, later, true).await.unwrap();
         assert_eq!(r.repositories_dropped, 1);
-        assert!(meta.tag("docker.io", "library/old", "1").unwrap().is_none());
+        let tag = |repo: &str| crate::metadata::GetTag {
+            upstream: "docker.io".into(),
+            repo: repo.into(),
+            tag: "1".into(),
+        };
         assert!(meta
-            .tag("docker.io", "library/keep", "1")
+            .ask(tag("library/old"))
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none());
+        assert!(meta
+            .ask(tag("library/keep"))
+            .await
+            .unwrap()
             .unwrap()
             .is_some());
     }

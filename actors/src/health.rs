@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::settings::HealthSettings;
+use crate::settings::{HealthSettings, UpstreamId, UpstreamNames};
 use crate::upstream::{Quota, UpstreamHandle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,14 +50,14 @@ pub struct Health {
 impl Health {
     pub fn start(
         upstreams: UpstreamHandle,
-        names: &[String],
+        names: &UpstreamNames,
         settings: HealthSettings,
         clock: Clock,
     ) -> HealthHandle {
         let initial: Vec<UpstreamHealth> = names
-            .iter()
-            .map(|n| UpstreamHealth {
-                name: n.clone(),
+            .ids()
+            .map(|id| UpstreamHealth {
+                name: names.name(id).to_string(),
                 state: HealthState::Unknown,
                 last_probe_ms: None,
                 latency_ms: None,
@@ -65,8 +65,8 @@ impl Health {
                 quota: None,
             })
             .collect();
+        let n = initial.len();
         let (tx, rx) = watch::channel(initial);
-        let n = names.len();
         let addr = Health {
             upstreams,
             settings,
@@ -89,7 +89,8 @@ impl Health {
             }
             self.probing[i] = true;
             let (up, timeout) = (self.upstreams.clone(), self.settings.timeout);
-            let fut = async move { (up.probe(i, timeout).await, up.quota(i).await) };
+            let id = UpstreamId::new(i);
+            let fut = async move { (up.probe(id, timeout).await, up.quota(id).await) };
             ctx.spawn(fut.into_actor(self).map(move |(res, quota), act, _| {
                 act.probing[i] = false;
                 act.record(i, res, quota);
@@ -157,10 +158,10 @@ pub struct HealthHandle {
 
 impl HealthHandle {
     /// True only when probes have established that the upstream is down.
-    pub fn is_down(&self, upstream: usize) -> bool {
+    pub fn is_down(&self, upstream: UpstreamId) -> bool {
         self.rx
             .borrow()
-            .get(upstream)
+            .get(upstream.index())
             .is_some_and(|h| h.state == HealthState::Down)
     }
 

@@ -1,50 +1,120 @@
 //! pullcache's cache engine. Every piece of cache state is owned by an actor:
 //!
-//! - [`manifest_resolver`]: tag and digest resolution, TTL revalidation, stale serving;
-//! - [`blob_fetcher`]: per-digest downloads with request coalescing and digest verification;
-//! - [`metadata`]: the sled database (blobs, manifests, tags, repositories);
+//! - [`manifest_resolver`]: tag and digest resolution, TTL revalidation, stale serving,
+//!   identical lookups coalesced;
+//! - [`blob`]: per-digest downloads ("fills") with request coalescing and digest
+//!   verification, and reading blob bytes for clients;
+//! - [`metadata`]: the sled database (blobs, the LRU index, manifests, tags, repositories),
+//!   its one owner;
+//! - [`eviction`]: the disk budget and its sweeper;
+//! - [`health`]: upstream probes;
 //! - [`upstream`]: the HTTP client (awc + rustls) on its own thread, with token auth.
 //!
+//! Beside them: [`store`] (the blob files), [`recovery`] (after a crash), [`oci`]
+//! (manifest formats), [`digest`], [`reference`], [`auth`], [`settings`], [`clock`].
+//!
 //! [`Engine::start`] starts them once per process (before the HTTP server), and the HTTP
-//! layer talks to them through the small handle types collected in [`Engine`].
+//! layer talks to them only through the small handle types collected in [`Engine`]: it
+//! never sees an actor's address.
+//!
+//! # Execution model
+//!
+//! Which thread runs what, and where blocking is allowed:
+//!
+//! | thread | runs | blocks? |
+//! |---|---|---|
+//! | HTTP workers (`server.workers`, one per core) | route handlers; blob bodies ([`blob::reader`]) waiting on fills and, in the daemon, `sendfile` on non-blocking sockets | never |
+//! | the system arbiter (the thread that started the engine) | the manifest resolver, blob fetcher, eviction and health actors; orphan recovery's task | never |
+//! | the upstream arbiter (one thread) | the upstream actor: every awc client (they are `!Send`), token fetches, downloads | never |
+//! | metadata threads ([`metadata::THREADS`], a `SyncArbiter`) | every sled read and write | yes: that is their job |
+//! | sled's own threads | `flush_async` (the fsync of a durable write), sled's periodic flush | yes |
+//! | per fill: a writer thread and a hash thread ([`blob::fill`]) | `writev` to the temporary file, fsync and rename; sha256 | yes |
+//! | tokio's blocking pool (`spawn_blocking`, per worker/arbiter) | opening and reading stored files, page-cache read-ins, deleting evicted files, hashing a manifest, re-hashing orphans, the readiness write test | yes |
+//!
+//! Rule: an async thread (the first three rows) never calls sled, the file system or a
+//! hash of more than a few bytes; it sends a message to the metadata actor or uses
+//! `spawn_blocking`. Only the starting thread touches sled directly, before serving
+//! (reconciliation: [`recovery::reconcile`]).
+//!
+//! # The path of a blob's bytes
+//!
+//! Bytes never travel through a mailbox: messages carry channels, `watch` receivers and
+//! open files.
+//!
+//! 1. Upstream socket → awc on the upstream arbiter, ~32 KiB per read; what is already
+//!    buffered is batched (up to 1 MiB) into one [`upstream::DownloadEvent::Chunk`] on a
+//!    bounded channel ([`blob::fill::FILL_CHANNEL`] batches), so a slow disk slows the
+//!    upstream read instead of filling memory.
+//! 2. Fill writer thread → one `writev` per batch into `tmp/fill-<random>`, progress
+//!    published on the fill's `watch`, the same `Bytes` handed to the hash thread.
+//! 3. Readers on HTTP workers → the published bytes minus the last one, from the
+//!    temporary file: `sendfile` from the page cache to the client socket (or read and
+//!    copied when the connection cannot).
+//! 4. Digest verified → the last byte released; the file fsynced, renamed to
+//!    `blobs/<alg>/<xx>/<hex>`, its directory fsynced; the fetcher records the blob
+//!    (durably) and the fill leaves the table.
+//! 5. Later requests → the stored file, opened on the blocking pool, read into the page
+//!    cache there if it had left it, sent with `sendfile`.
+//!
+//! # Examples worth copying
+//!
+//! - The handle facade: [`Engine`], [`ManifestsHandle`], [`BlobsHandle`] — routes call
+//!   async methods, never `Addr`s; a stopped actor becomes an error, not a panic.
+//! - Shared-future coalescing that finishes even when every requester leaves: the
+//!   `Resolve` handler in [`manifest_resolver`].
+//! - A `ResponseActFuture` that looks at the actor's state again after its await: the
+//!   `OpenBlob` handler in [`blob::fetcher`].
+//! - The drop guard with explicit outcomes: `FillGuard` and [`blob::fill::FillOutcome`].
+//! - The last byte held back until the digest is verified: [`blob::fill::FillState::readable`].
+//! - A [`Digest`] that only parsing can make, and the only way to build a blob's path.
+//! - The atomic commit with fsync of the file and of its directory: [`store::BlobStore::commit`].
+//! - The LRU index kept in step by two-tree transactions: `metadata::db`.
+//! - The Idle/Busy/Throttled sweeper: [`eviction`].
+//! - The error edge: `src/error.rs` in the daemon, [`EngineError`] here.
+//! - The counting fake upstream: `tests/integration/common`.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod blob_fetcher;
+pub mod blob;
 pub mod clock;
 pub mod digest;
 pub mod error;
 pub mod eviction;
 pub mod health;
 pub mod manifest_resolver;
-pub mod messages;
 pub mod metadata;
+pub mod oci;
+pub mod recovery;
 pub mod reference;
 pub mod settings;
 pub mod store;
 pub mod upstream;
 
+#[cfg(test)]
+mod testing;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::prelude::*;
+use serde::Serialize;
 
-pub use blob_fetcher::{BlobRegions, BlobSource, BlobsHandle, Region};
+pub use blob::{BlobBody, BlobRegions, BlobsHandle, ByteStream, Region};
 pub use clock::Clock;
 pub use digest::Digest;
-pub use error::{EngineError, UpstreamError};
+pub use error::{EngineError, MetaError, Object, UpstreamError};
+pub use eviction::{EvictionHandle, EvictionStatus};
+pub use health::{HealthHandle, UpstreamHealth};
 pub use manifest_resolver::{ManifestAnswer, ManifestsHandle};
 pub use reference::Reference;
 pub use settings::{
-    CacheSettings, EngineSettings, HealthSettings, StorageSettings, UpstreamSettings,
+    CacheSettings, EngineSettings, HealthSettings, StorageSettings, UpstreamId, UpstreamNames,
+    UpstreamSettings,
 };
 
-use metadata::{ListRepositories, Metadata, MetadataStore};
-use serde::Serialize;
-
-pub use eviction::{EvictionHandle, EvictionStatus};
-pub use health::{HealthHandle, UpstreamHealth};
+use metadata::{ListRepositories, LookupBlob, MetaHandle, Metadata};
 use store::BlobStore;
 use upstream::Upstreams;
 
@@ -55,11 +125,9 @@ pub struct Engine {
     pub blobs: BlobsHandle,
     pub health: HealthHandle,
     pub eviction: EvictionHandle,
-    meta: Addr<Metadata>,
+    meta: MetaHandle,
     store: BlobStore,
-    pub settings: Arc<EngineSettings>,
-    /// The disk budget in force (configured, or computed at the first start).
-    pub max_size: u64,
+    names: UpstreamNames,
     clock: Clock,
 }
 
@@ -74,17 +142,56 @@ pub struct Readiness {
     pub upstreams: Vec<UpstreamHealth>,
 }
 
+/// Why the engine did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage.root {}: {source}", root.display())]
+    Store {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.root {}: metadata: {source}", root.display())]
+    Metadata {
+        root: PathBuf,
+        #[source]
+        source: MetaError,
+    },
+    #[error("storage.root {}: cannot read free space: {source}", root.display())]
+    FreeSpace {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.root {}: {source}", root.display())]
+    Recovery {
+        root: PathBuf,
+        #[source]
+        source: recovery::RecoveryError,
+    },
+}
+
 impl Engine {
     /// Opens the store and metadata, reconciles them after an interrupted run (before
     /// serving: leftovers of downloads removed, records without files dropped, usage
     /// counted), then starts the actors. Files without a record are re-hashed in the
     /// background. Must run inside an actix `System`, once per process.
-    pub fn start(settings: EngineSettings, clock: Clock) -> Result<Engine, String> {
-        let root = &settings.storage.root;
-        let at = |e: &dyn std::fmt::Display| format!("storage.root {}: {e}", root.display());
-        let store = BlobStore::open(root).map_err(|e| at(&e))?;
-        let meta_store = MetadataStore::open(root).map_err(|e| at(&format!("metadata: {e}")))?;
-        let (report, orphans) = meta_store.reconcile(&store).map_err(|e| at(&e))?;
+    pub fn start(settings: EngineSettings, clock: Clock) -> Result<Engine, StartError> {
+        let root = settings.storage.root.clone();
+        let store = BlobStore::open(&root).map_err(|source| StartError::Store {
+            root: root.clone(),
+            source,
+        })?;
+        let meta_err = |source| StartError::Metadata {
+            root: root.clone(),
+            source,
+        };
+        let db = metadata::open(&root).map_err(meta_err)?;
+        let (report, orphans) =
+            recovery::reconcile(&db, &store).map_err(|source| StartError::Recovery {
+                root: root.clone(),
+                source,
+            })?;
         tracing::info!(
             blobs = report.blobs,
             bytes = report.bytes,
@@ -94,11 +201,19 @@ impl Engine {
             unrecorded_files = orphans.len(),
             "store reconciled with metadata"
         );
+        let max_size = Self::disk_budget(&settings, &db, &store)?;
+        let meta = Metadata::start(db);
+        let pending = recovery::Pending::new(&orphans);
         if !orphans.is_empty() {
-            let (m, s, c) = (meta_store.clone(), store.clone(), clock.clone());
-            std::thread::Builder::new()
-                .name("recover".into())
-                .spawn(move || match m.recover_orphans(&s, orphans, c.now_ms()) {
+            let task = recovery::recover_orphans(
+                meta.clone(),
+                store.clone(),
+                pending.clone(),
+                orphans,
+                clock.now_ms(),
+            );
+            actix_rt::spawn(async move {
+                match task.await {
                     Ok(r) => tracing::info!(
                         recovered = r.files_recovered,
                         removed = r.files_removed,
@@ -108,42 +223,30 @@ impl Engine {
                     Err(e) => {
                         tracing::error!(error = %e, "re-checking unrecorded blob files failed")
                     }
-                })
-                .map_err(|e| e.to_string())?;
+                }
+            });
         }
-        let max_size = Self::disk_budget(&settings, &meta_store, &store)?;
-        let policy = manifest_resolver::Policy::new(&settings)?;
-        let pins = settings
-            .storage
-            .pin
-            .iter()
-            .map(|p| eviction::PinPattern::parse(p).map_err(|e| format!("storage.pin: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        let names: Arc<Vec<String>> =
-            Arc::new(settings.upstreams.iter().map(|u| u.name.clone()).collect());
-        let meta = Metadata::start(meta_store.clone(), 2);
-        let upstreams = Upstreams::start(settings.upstreams.clone(), clock.clone())?;
+        let names = UpstreamNames::new(&settings.upstreams);
+        let upstreams = Upstreams::start(settings.upstreams.clone(), clock.clone());
         let health = health::Health::start(
             upstreams.clone(),
             &names,
             settings.health.clone(),
             clock.clone(),
         );
-        let eviction = EvictionHandle {
-            addr: eviction::Eviction::start(
-                meta_store.clone(),
-                store.clone(),
-                eviction::Budget {
-                    max_size,
-                    high: settings.storage.high_watermark,
-                    low: settings.storage.low_watermark,
-                    pins,
-                    manifest_max_idle: settings.storage.manifest_max_idle,
-                    interval: settings.storage.sweep_interval,
-                },
-                clock.clone(),
-            ),
-        };
+        let eviction = eviction::Eviction::start(
+            meta.clone(),
+            store.clone(),
+            eviction::Budget {
+                max_size,
+                high: settings.storage.high_watermark,
+                low: settings.storage.low_watermark,
+                pins: settings.storage.pin.clone().into(),
+                manifest_max_idle: settings.storage.manifest_max_idle,
+                interval: settings.storage.sweep_interval,
+            },
+            clock.clone(),
+        );
         // Readers give up on a fill that shows no progress for longer than any upstream's
         // timeouts would allow.
         let wait = settings
@@ -153,59 +256,67 @@ impl Engine {
             .max()
             .unwrap_or(Duration::from_secs(60))
             * 2;
-        let blobs = blob_fetcher::BlobFetcher::start(blob_fetcher::FetcherDeps {
+        let blobs = blob::start(blob::fetcher::FetcherDeps {
             meta: meta.clone(),
-            meta_store,
             upstreams: upstreams.clone(),
             health: health.clone(),
             eviction: eviction.clone(),
-            names,
+            names: names.clone(),
             store: store.clone(),
             clock: clock.clone(),
             wait,
-            disk: Arc::new(blob_fetcher::DiskState::default()),
+            disk: Arc::new(blob::DiskState::default()),
+            read_in: Arc::new(AtomicU64::new(0)),
+            pending,
         });
         let manifests = manifest_resolver::ManifestResolver::start(
             meta.clone(),
             upstreams,
             health.clone(),
-            policy,
+            manifest_resolver::Policy::new(&settings),
             clock.clone(),
         );
         Ok(Engine {
-            clock,
             manifests,
             blobs,
             health,
             eviction,
             meta,
             store,
-            settings: Arc::new(settings),
-            max_size,
+            names,
+            clock,
         })
     }
 
     /// `storage.max_size`, or 80% of the free space at the first start (remembered).
     fn disk_budget(
         settings: &EngineSettings,
-        meta: &MetadataStore,
+        db: &metadata::Db,
         store: &BlobStore,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, StartError> {
+        let root = &settings.storage.root;
+        let meta_err = |source| StartError::Metadata {
+            root: root.clone(),
+            source,
+        };
+        let human = |m: u64| bytesize::ByteSize(m).display().iec().to_string();
         if let Some(m) = settings.storage.max_size {
-            tracing::info!(max_size = m, human = %bytesize::ByteSize(m).display().iec(), "disk budget (storage.max_size)");
+            let m = m.as_u64();
+            tracing::info!(max_size = m, human = %human(m), "disk budget (storage.max_size)");
             return Ok(m);
         }
         const KEY: &str = "default_max_size";
-        if let Some(m) = meta.setting(KEY).map_err(|e| e.to_string())? {
-            tracing::info!(max_size = m, human = %bytesize::ByteSize(m).display().iec(), "disk budget (80% of the free space at the first start)");
+        if let Some(m) = db.setting(KEY).map_err(meta_err)? {
+            tracing::info!(max_size = m, human = %human(m), "disk budget (80% of the free space at the first start)");
             return Ok(m);
         }
-        let free = store
-            .free_space()
-            .map_err(|e| format!("storage.root: cannot read free space: {e}"))?;
-        let m = (free as f64 * 0.8) as u64 + meta.usage();
-        meta.set_setting(KEY, m).map_err(|e| e.to_string())?;
-        tracing::info!(max_size = m, human = %bytesize::ByteSize(m).display().iec(), free, "disk budget set to 80% of the free space (first start); set storage.max_size to change it");
+        let free = store.free_space().map_err(|source| StartError::FreeSpace {
+            root: root.clone(),
+            source,
+        })?;
+        let m = (free as f64 * 0.8) as u64 + db.usage();
+        db.set_setting(KEY, m).map_err(meta_err)?;
+        tracing::info!(max_size = m, human = %human(m), free, "disk budget set to 80% of the free space (first start); set storage.max_size to change it");
         Ok(m)
     }
 
@@ -213,8 +324,8 @@ impl Engine {
     /// is renamed into the store, so the file alone does not say it).
     pub async fn is_stored(&self, digest: &Digest) -> bool {
         self.meta
-            .send(metadata::LookupBlob {
-                upstream: String::new(),
+            .ask(LookupBlob {
+                upstream: None,
                 digest: digest.clone(),
             })
             .await
@@ -227,18 +338,11 @@ impl Engine {
     /// down does not make it unready (the cache still serves).
     pub async fn readiness(&self) -> Readiness {
         let store = self.store.clone();
-        let storage_writable = tokio::task::spawn_blocking(move || {
-            store.create_temp().and_then(|(p, mut f)| {
-                use std::io::Write;
-                let r = f.write_all(b"ok");
-                std::fs::remove_file(p)?;
-                r
-            })
-        })
-        .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
-        let metadata_ok = matches!(self.meta.send(metadata::Ping).await, Ok(Ok(())));
+        let storage_writable = tokio::task::spawn_blocking(move || store.write_test())
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        let metadata_ok = matches!(self.meta.ask(metadata::Ping).await, Ok(Ok(())));
         let storage = self.eviction.status().await;
         Readiness {
             ready: storage_writable && metadata_ok,
@@ -250,24 +354,17 @@ impl Engine {
         }
     }
 
-    /// Every cached repository as (upstream index, repository name).
-    pub async fn repositories(&self) -> Result<Vec<(usize, String)>, EngineError> {
-        let all = self.meta.send(ListRepositories).await??;
+    /// Every cached repository of a configured upstream, as (upstream, repository name).
+    pub async fn repositories(&self) -> Result<Vec<(UpstreamId, String)>, EngineError> {
+        let all = self.meta.ask(ListRepositories).await??;
         Ok(all
             .into_iter()
-            .filter_map(|(u, r)| {
-                self.settings
-                    .upstreams
-                    .iter()
-                    .position(|s| s.name == u)
-                    .map(|i| (i, r))
-            })
+            .filter_map(|(u, r)| self.names.find(&u).map(|id| (id, r)))
             .collect())
     }
 
     /// Writes metadata to disk (at shutdown).
     pub async fn flush(&self) -> Result<(), EngineError> {
-        self.meta.send(metadata::Flush).await??;
-        Ok(())
+        Ok(self.meta.flush().await?)
     }
 }

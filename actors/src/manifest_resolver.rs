@@ -22,19 +22,17 @@ use actix::prelude::*;
 use bytes::Bytes;
 use futures_util::future::{FutureExt, LocalBoxFuture, Shared};
 
-use regex::Regex;
-
 use crate::clock::Clock;
 use crate::digest::{Algorithm, Digest};
-use crate::error::EngineError;
+use crate::error::{EngineError, Object};
 use crate::health::HealthHandle;
-use crate::messages::media_types;
 use crate::metadata::{
-    DeleteTag, GetManifest, GetTag, ListTags, ManifestRecord, Metadata, PutManifest, PutTag,
+    DeleteTag, GetManifest, GetTag, ListTags, ManifestRecord, MetaHandle, PutManifest, PutTag,
     TagRecord, TouchRepo,
 };
+use crate::oci::{effective_media_type, referenced_blobs};
 use crate::reference::Reference;
-use crate::settings::EngineSettings;
+use crate::settings::{EngineSettings, TagPattern, UpstreamId, UpstreamNames};
 use crate::upstream::{UpstreamHandle, UpstreamManifest};
 
 /// A manifest as served to clients.
@@ -47,7 +45,7 @@ pub struct ManifestAnswer {
     pub stale: bool,
 }
 
-type Key = (usize, String, String);
+type Key = (UpstreamId, String, String);
 type SharedAnswer = Shared<LocalBoxFuture<'static, Result<ManifestAnswer, EngineError>>>;
 
 pub struct ManifestResolver {
@@ -55,13 +53,13 @@ pub struct ManifestResolver {
     inflight: HashMap<Key, SharedAnswer>,
     /// When each repository's use was last written to the metadata (feeds
     /// `manifest_max_idle`); kept here so a busy repository costs one write a minute.
-    touched: HashMap<(usize, String), u64>,
+    touched: HashMap<(UpstreamId, String), u64>,
 }
 
 /// What a resolution needs; cloned into each lookup's future.
 #[derive(Clone)]
 struct Ctx {
-    meta: Addr<Metadata>,
+    meta: MetaHandle,
     upstreams: UpstreamHandle,
     health: HealthHandle,
     policy: Arc<Policy>,
@@ -69,33 +67,29 @@ struct Ctx {
     stats: Arc<ResolverStats>,
 }
 
-/// Freshness policy, per upstream where the configuration allows it.
+/// Freshness policy, per upstream where the configuration allows it (indexed by
+/// [`UpstreamId`]).
 pub struct Policy {
-    pub names: Vec<String>,
+    pub names: UpstreamNames,
     pub tag_ttl: Vec<Duration>,
     pub min_quota: Vec<u64>,
-    pub immutable_tags: Vec<Regex>,
+    pub immutable_tags: Vec<TagPattern>,
     pub max_stale: Duration,
 }
 
 impl Policy {
-    pub fn new(settings: &EngineSettings) -> Result<Policy, String> {
-        Ok(Policy {
-            names: settings.upstreams.iter().map(|u| u.name.clone()).collect(),
+    pub fn new(settings: &EngineSettings) -> Policy {
+        Policy {
+            names: UpstreamNames::new(&settings.upstreams),
             tag_ttl: settings
                 .upstreams
                 .iter()
                 .map(|u| u.tag_ttl.unwrap_or(settings.cache.tag_ttl))
                 .collect(),
             min_quota: settings.upstreams.iter().map(|u| u.min_quota).collect(),
-            immutable_tags: settings
-                .cache
-                .immutable_tags
-                .iter()
-                .map(|r| Regex::new(r).map_err(|e| format!("cache.immutable_tags: {r:?}: {e}")))
-                .collect::<Result<_, _>>()?,
+            immutable_tags: settings.cache.immutable_tags.clone(),
             max_stale: settings.cache.max_stale,
-        })
+        }
     }
 }
 
@@ -108,7 +102,6 @@ pub struct ResolverStats {
     pub stale_refused: AtomicU64,
     /// Revalidations skipped to save the upstream's pull quota.
     pub quota_skips: AtomicU64,
-    pub revalidations: AtomicU64,
 }
 
 impl Actor for ManifestResolver {
@@ -117,7 +110,7 @@ impl Actor for ManifestResolver {
 
 impl ManifestResolver {
     pub fn start(
-        meta: Addr<Metadata>,
+        meta: MetaHandle,
         upstreams: UpstreamHandle,
         health: HealthHandle,
         policy: Policy,
@@ -145,7 +138,7 @@ impl ManifestResolver {
 #[derive(Message)]
 #[rtype(result = "Result<ManifestAnswer, EngineError>")]
 pub struct Resolve {
-    pub upstream: usize,
+    pub upstream: UpstreamId,
     pub repo: String,
     pub reference: Reference,
 }
@@ -154,7 +147,7 @@ pub struct Resolve {
 #[derive(Message)]
 #[rtype(result = "Result<Vec<String>, EngineError>")]
 pub struct TagList {
-    pub upstream: usize,
+    pub upstream: UpstreamId,
     pub repo: String,
 }
 
@@ -169,7 +162,7 @@ impl Handler<Resolve> for ManifestResolver {
             .or_insert(0);
         if now >= *last + 60_000 {
             *last = now;
-            self.ctx.meta.do_send(TouchRepo {
+            self.ctx.meta.tell(TouchRepo {
                 upstream: self.ctx.name(m.upstream),
                 repo: m.repo.clone(),
                 now_ms: now,
@@ -205,11 +198,11 @@ impl Handler<TagList> for ManifestResolver {
 }
 
 impl Ctx {
-    fn name(&self, upstream: usize) -> String {
-        self.policy.names[upstream].clone()
+    fn name(&self, upstream: UpstreamId) -> String {
+        self.policy.names.name(upstream).to_string()
     }
 
-    fn down(&self, upstream: usize) -> Result<(), EngineError> {
+    fn down(&self, upstream: UpstreamId) -> Result<(), EngineError> {
         if self.health.is_down(upstream) {
             return Err(EngineError::UpstreamDown(self.name(upstream)));
         }
@@ -220,7 +213,7 @@ impl Ctx {
     #[allow(clippy::too_many_arguments)]
     fn stale(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         tag: &str,
         rec: ManifestRecord,
@@ -247,13 +240,13 @@ impl Ctx {
 
     async fn cached(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<ManifestRecord>, EngineError> {
         Ok(self
             .meta
-            .send(GetManifest {
+            .ask(GetManifest {
                 upstream: self.name(upstream),
                 repo: repo.into(),
                 digest: digest.clone(),
@@ -263,7 +256,7 @@ impl Ctx {
 
     async fn resolve(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         reference: &Reference,
     ) -> Result<ManifestAnswer, EngineError> {
@@ -281,14 +274,14 @@ impl Ctx {
 
     async fn resolve_tag(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         tag: &str,
     ) -> Result<ManifestAnswer, EngineError> {
         let name = self.name(upstream);
         let entry = self
             .meta
-            .send(GetTag {
+            .ask(GetTag {
                 upstream: name.clone(),
                 repo: repo.into(),
                 tag: tag.into(),
@@ -303,7 +296,7 @@ impl Ctx {
         };
         let checked_ms = entry.map(|e| e.checked_ms).unwrap_or(0);
         let now = self.clock.now_ms();
-        let ttl = self.policy.tag_ttl[upstream].as_millis() as u64;
+        let ttl = self.policy.tag_ttl[upstream.index()].as_millis() as u64;
         let age = now.saturating_sub(checked_ms);
         if age < ttl || self.policy.immutable_tags.iter().any(|r| r.is_match(tag)) {
             return Ok(answer(rec, digest, false));
@@ -315,14 +308,13 @@ impl Ctx {
         }
         // Docker Hub quota nearly spent: keep the last pulls for images not cached yet.
         if let Some(q) = self.upstreams.quota(upstream).await {
-            if q.is_low(self.policy.min_quota[upstream], now) {
+            if q.is_low(self.policy.min_quota[upstream.index()], now) {
                 self.stats.quota_skips.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(upstream = %name, repo, tag, remaining = q.remaining, "pull quota low; not revalidating a cached tag");
                 return Ok(answer(rec, digest, false));
             }
         }
         // Ask the upstream with a HEAD.
-        self.stats.revalidations.fetch_add(1, Ordering::Relaxed);
         match self.upstreams.manifest(upstream, repo, tag, true).await {
             Ok(UpstreamManifest {
                 digest: Some(d), ..
@@ -354,7 +346,7 @@ impl Ctx {
                 if e.is_not_found() {
                     tracing::info!(upstream = %name, repo, tag, "tag deleted upstream; dropping it from the cache");
                     self.meta
-                        .send(DeleteTag {
+                        .ask(DeleteTag {
                             upstream: name,
                             repo: repo.into(),
                             tag: tag.into(),
@@ -364,7 +356,10 @@ impl Ctx {
                 }
                 Err(EngineError::from_upstream(
                     e,
-                    &format!("manifest {repo}:{tag}"),
+                    Object::Manifest {
+                        repo: repo.into(),
+                        reference: tag.into(),
+                    },
                 ))
             }
         }
@@ -374,7 +369,7 @@ impl Ctx {
     /// returns (when the digest changed: the client is about to be given the new one).
     async fn put_tag(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         tag: &str,
         digest: &Digest,
@@ -387,7 +382,7 @@ impl Ctx {
         };
         let flushed = self
             .meta
-            .send(PutTag {
+            .ask(PutTag {
                 upstream: self.name(upstream),
                 repo: repo.into(),
                 tag: tag.into(),
@@ -403,22 +398,25 @@ impl Ctx {
     /// GETs a manifest by `reference`, verifies it, stores it (and the tag), returns it.
     async fn fetch(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         reference: &str,
         expected: Option<&Digest>,
         tag: Option<&str>,
     ) -> Result<ManifestAnswer, EngineError> {
-        let what = format!("manifest {repo}:{reference}");
+        let object = Object::Manifest {
+            repo: repo.into(),
+            reference: reference.into(),
+        };
         self.down(upstream)?;
         let um = self
             .upstreams
             .manifest(upstream, repo, reference, false)
             .await
-            .map_err(|e| EngineError::from_upstream(e, &what))?;
+            .map_err(|e| EngineError::from_upstream(e, object.clone()))?;
         let bytes = um.bytes.clone().unwrap_or_default();
         let media_type = effective_media_type(&um.media_type, &bytes)
-            .ok_or_else(|| EngineError::ManifestRefused(format!("{what}: unsupported manifest type {:?} (schema 1 and non-image types are not served)", um.media_type)))?;
+            .ok_or_else(|| EngineError::ManifestRefused(format!("{object}: unsupported manifest type {:?} (schema 1 and non-image types are not served)", um.media_type)))?;
         // The digest that must hold: the one asked for, else the upstream's header.
         let algorithm = expected
             .or(um.digest.as_ref())
@@ -430,11 +428,11 @@ impl Ctx {
                 (Digest::of_bytes(algorithm, &b), referenced_blobs(&mt, &b))
             })
             .await
-            .map_err(|e| EngineError::Storage(e.to_string()))?
+            .map_err(|_| EngineError::Internal("a blocking task failed"))?
         };
         if let Some(want) = expected.or(um.digest.as_ref()) {
             if *want != actual {
-                tracing::error!(%what, expected = %want, actual = %actual, "upstream manifest does not match its digest");
+                tracing::error!(%object, expected = %want, actual = %actual, "upstream manifest does not match its digest");
                 return Err(EngineError::DigestMismatch {
                     expected: want.clone(),
                     actual,
@@ -448,7 +446,7 @@ impl Ctx {
             fetched_ms: now,
         };
         self.meta
-            .send(PutManifest {
+            .ask(PutManifest {
                 upstream: self.name(upstream),
                 repo: repo.into(),
                 digest: actual.clone(),
@@ -476,14 +474,14 @@ impl Ctx {
         })
     }
 
-    async fn tag_list(&self, upstream: usize, repo: &str) -> Result<Vec<String>, EngineError> {
+    async fn tag_list(&self, upstream: UpstreamId, repo: &str) -> Result<Vec<String>, EngineError> {
         let mut all = Vec::new();
         let mut last: Option<String> = None;
         if self.health.is_down(upstream) {
             let name = self.name(upstream);
             return match self
                 .meta
-                .send(ListTags {
+                .ask(ListTags {
                     upstream: name.clone(),
                     repo: repo.into(),
                 })
@@ -515,7 +513,7 @@ impl Ctx {
                     tracing::warn!(upstream = %name, repo, error = %e, "upstream unavailable; listing cached tags");
                     return match self
                         .meta
-                        .send(ListTags {
+                        .ask(ListTags {
                             upstream: name,
                             repo: repo.into(),
                         })
@@ -526,10 +524,10 @@ impl Ctx {
                     };
                 }
                 Err(e) => {
-                    if e.is_not_found() {
-                        return Err(EngineError::NameUnknown(format!("repository {repo}")));
-                    }
-                    return Err(EngineError::from_upstream(e, &format!("repository {repo}")));
+                    return Err(EngineError::from_upstream(
+                        e,
+                        Object::Repository(repo.into()),
+                    ));
                 }
             }
         }
@@ -548,65 +546,6 @@ fn answer(rec: ManifestRecord, digest: Digest, stale: bool) -> ManifestAnswer {
     }
 }
 
-/// The media type to store: the upstream's `Content-Type` if it is a supported manifest
-/// type; else the document's own `mediaType` field (OCI manifests may omit Content-Type
-/// precision on some registries). `None` = refuse.
-fn effective_media_type(content_type: &str, bytes: &[u8]) -> Option<String> {
-    if media_types::ALL.contains(&content_type) {
-        return Some(content_type.to_string());
-    }
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        #[serde(rename = "mediaType")]
-        media_type: Option<String>,
-        manifests: Option<serde_json::Value>,
-        layers: Option<serde_json::Value>,
-        #[serde(rename = "schemaVersion")]
-        schema_version: Option<u32>,
-    }
-    let p: Probe = serde_json::from_slice(bytes).ok()?;
-    if p.schema_version != Some(2) {
-        return None;
-    }
-    match p.media_type.as_deref() {
-        Some(mt) if media_types::ALL.contains(&mt) => Some(mt.to_string()),
-        Some(_) => None,
-        None if p.manifests.is_some() => Some(media_types::OCI_INDEX.to_string()),
-        None if p.layers.is_some() => Some(media_types::OCI_MANIFEST.to_string()),
-        None => None,
-    }
-}
-
-/// The blobs an image manifest references (config and layers), which become readable from
-/// this upstream through the cache.
-pub fn referenced_blobs(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
-    if media_types::is_index(media_type) {
-        return Vec::new();
-    }
-    match oci_spec::image::ImageManifest::from_reader(bytes) {
-        Ok(m) => std::iter::once(m.config().digest().to_string())
-            .chain(m.layers().iter().map(|l| l.digest().to_string()))
-            .filter_map(|d| Digest::parse(&d).ok())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-/// The manifests an index or Docker list points to.
-pub fn child_manifests(media_type: &str, bytes: &[u8]) -> Vec<Digest> {
-    if !media_types::is_index(media_type) {
-        return Vec::new();
-    }
-    match oci_spec::image::ImageIndex::from_reader(bytes) {
-        Ok(i) => i
-            .manifests()
-            .iter()
-            .filter_map(|m| Digest::parse(m.digest().as_ref()).ok())
-            .collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
 /// What the HTTP layer holds to resolve manifests.
 #[derive(Clone)]
 pub struct ManifestsHandle {
@@ -617,7 +556,7 @@ pub struct ManifestsHandle {
 impl ManifestsHandle {
     pub async fn resolve(
         &self,
-        upstream: usize,
+        upstream: UpstreamId,
         repo: &str,
         reference: Reference,
     ) -> Result<ManifestAnswer, EngineError> {
@@ -630,56 +569,12 @@ impl ManifestsHandle {
             .await?
     }
 
-    pub async fn tags(&self, upstream: usize, repo: &str) -> Result<Vec<String>, EngineError> {
+    pub async fn tags(&self, upstream: UpstreamId, repo: &str) -> Result<Vec<String>, EngineError> {
         self.addr
             .send(TagList {
                 upstream,
                 repo: repo.into(),
             })
             .await?
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn media_type_inference() {
-        assert_eq!(
-            effective_media_type(media_types::OCI_INDEX, b"{}").as_deref(),
-            Some(media_types::OCI_INDEX)
-        );
-        assert_eq!(
-            effective_media_type(
-                "application/json",
-                br#"{"schemaVersion":2,"layers":[],"config":{}}"#
-            )
-            .as_deref(),
-            Some(media_types::OCI_MANIFEST)
-        );
-        assert_eq!(
-            effective_media_type(
-                "application/vnd.docker.distribution.manifest.v1+prettyjws",
-                br#"{"schemaVersion":1}"#
-            ),
-            None
-        );
-        assert_eq!(effective_media_type("text/html", b"<html>"), None);
-    }
-
-    #[test]
-    fn links_config_and_layers() {
-        let cfg = "sha256:".to_string() + &"a".repeat(64);
-        let layer = "sha256:".to_string() + &"b".repeat(64);
-        let m = format!(
-            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cfg}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":3}}]}}"#,
-            media_types::OCI_MANIFEST
-        );
-        let links = referenced_blobs(media_types::OCI_MANIFEST, m.as_bytes());
-        assert_eq!(
-            links.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-            vec![cfg, layer]
-        );
     }
 }

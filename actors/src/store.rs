@@ -1,7 +1,7 @@
 //! The content-addressed blob store on disk: `<root>/blobs/<alg>/<2 hex>/<hex>` for verified
 //! blobs, `<root>/tmp/` for downloads in progress. Paths are derived from a validated
-//! [`Digest`] only. Every function here blocks (file system calls): call them from a sync
-//! actor, a fill writer thread or `spawn_blocking`, never from an async worker.
+//! [`Digest`] only. Every function here blocks (file system calls, page-cache reads): call
+//! them from a fill writer thread or `spawn_blocking`, never from an async worker.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -63,18 +63,32 @@ impl BlobStore {
         Err(io::Error::other("could not create a unique temporary file"))
     }
 
-    /// Makes a fully written, verified temp file durable and moves it into place.
-    pub fn commit(&self, tmp: &Path, file: &File, digest: &Digest) -> io::Result<PathBuf> {
-        file.sync_data()?;
+    /// Moves a fully written, verified temporary file to its place in the store. The
+    /// name is final at once (a process killed after this keeps the blob: the kernel has
+    /// the bytes); [`BlobStore::make_durable`] then makes it survive a power loss. Until a
+    /// blob is recorded, which happens only after both, start-up recovery re-hashes it.
+    pub fn place(&self, tmp: &Path, digest: &Digest) -> io::Result<PathBuf> {
         let dest = self.blob_path(digest);
-        let dir = dest.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir)?;
+        fs::create_dir_all(dest.parent().expect("blob path has a parent"))?;
         fs::rename(tmp, &dest)?;
-        // Make the rename itself durable.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
         Ok(dest)
+    }
+
+    /// fsyncs a placed blob's data and then its directory (which makes the rename itself
+    /// durable).
+    pub fn make_durable(&self, file: &File, dest: &Path) -> io::Result<()> {
+        file.sync_data()?;
+        let dir = dest.parent().expect("blob path has a parent");
+        File::open(dir)?.sync_all()
+    }
+
+    /// Whether a file can be created, written and removed in the store (readiness).
+    pub fn write_test(&self) -> io::Result<()> {
+        use std::io::Write;
+        let (p, mut f) = self.create_temp()?;
+        let r = f.write_all(b"ok");
+        fs::remove_file(p)?;
+        r
     }
 
     /// Free bytes on the store's filesystem.
@@ -207,6 +221,51 @@ pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<bytes::Bytes>
     }
     buf.truncate(filled);
     Ok(bytes::Bytes::from(buf))
+}
+
+/// Brings `len` bytes at `offset` of `file` into the page cache if probes find some of
+/// them missing (1-byte `preadv2(RWF_NOWAIT)` probes every MiB, and the last byte). `true`
+/// if it read them in. The read goes through the page cache into `/dev/null` with
+/// `sendfile`: nothing is copied to user space. Blocks on the disk: run it on a blocking
+/// thread, so that a `sendfile` of the region on an HTTP worker does not.
+pub fn make_resident(file: &File, offset: u64, len: usize) -> bool {
+    const STEP: u64 = 1024 * 1024;
+    let end = offset + len as u64;
+    let mut probe = [0u8; 1];
+    let missing = (0..)
+        .map(|i| offset + i * STEP)
+        .take_while(|&at| at < end)
+        .chain(std::iter::once(end.saturating_sub(1)))
+        .any(|at| {
+            !matches!(
+                rustix::io::preadv2(
+                    file,
+                    &mut [io::IoSliceMut::new(&mut probe)],
+                    at,
+                    rustix::io::ReadWriteFlags::NOWAIT,
+                ),
+                Ok(1)
+            )
+        });
+    if !missing {
+        return false;
+    }
+    static DEV_NULL: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
+    let Some(null) = DEV_NULL
+        .get_or_init(|| File::options().write(true).open("/dev/null").ok())
+        .as_ref()
+    else {
+        return false;
+    };
+    let mut off = offset;
+    while off < end {
+        let left = (end - off) as usize;
+        match rustix::fs::sendfile(null, file, Some(&mut off), left) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    true
 }
 
 /// Free space on the filesystem holding `path`, in bytes (for unprivileged users).

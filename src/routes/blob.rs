@@ -43,15 +43,15 @@ pub async fn serve(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(ByteRange::parse);
-    let mut src = state
+    let mut body = state
         .engine
         .blobs
         .open(routed.upstream, &routed.repo, &digest)
         .await?;
-    let size = match (range, src.size()) {
+    let size = match (range, body.size()) {
         // The upstream sent no length: a range can only be placed once the download is
         // complete (dockerd and containerd need a 206 for a resume, never a 200).
-        (Some(_), None) => Some(src.complete_size().await?),
+        (Some(_), None) => Some(body.complete_size().await?),
         (_, size) => size,
     };
     let (status, start, end) = match (range, size) {
@@ -71,24 +71,22 @@ pub async fn serve(
         },
         (_, Some(size)) => (StatusCode::OK, 0, size),
         // Upstream sent no length: stream chunked.
-        (_, None) => return Ok(r.body(BodyStream::new(src.stream(0, None)))),
+        (_, None) => return Ok(r.body(BodyStream::new(body.stream(..)))),
     };
     r.status(status);
     let len = end - start;
     // Zero-copy when the connection can (plain TCP) and the body is worth two syscalls.
-    let src = match req.conn_data::<SlotRef>() {
-        Some(slot) if len >= ZERO_COPY_MIN && slot.available() => {
-            match src.regions(start, Some(end)) {
-                Ok(regions) => {
-                    r.no_chunking(len);
-                    return Ok(r.body(BodyStream::new(sendfile_body(slot.clone(), regions))));
-                }
-                Err(src) => src,
+    let body = match req.conn_data::<SlotRef>() {
+        Some(slot) if len >= ZERO_COPY_MIN && slot.available() => match body.regions(start..end) {
+            Ok(regions) => {
+                r.no_chunking(len);
+                return Ok(r.body(BodyStream::new(sendfile_body(slot.clone(), regions))));
             }
-        }
-        _ => src,
+            Err(body) => body,
+        },
+        _ => body,
     };
-    Ok(r.body(SizedStream::new(len, src.stream(start, Some(end)))))
+    Ok(r.body(SizedStream::new(len, body.stream(start..end))))
 }
 
 /// One `bytes=` range. Several ranges, other units or bad syntax: `None` (the whole blob is

@@ -15,7 +15,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use oci_spec::distribution::ErrorCode;
 use pullcache_actors::reference::{validate_name, MAX_NAME_LEN};
-use pullcache_actors::{Engine, UpstreamSettings};
+use pullcache_actors::{Engine, UpstreamId, UpstreamSettings};
 
 use crate::error::ApiError;
 
@@ -75,7 +75,7 @@ pub fn parse_endpoint(rest: &str) -> Option<Endpoint<'_>> {
 /// Where a repository name is served from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routed {
-    pub upstream: usize,
+    pub upstream: UpstreamId,
     /// The repository name on the upstream (prefix stripped, `library/` added).
     pub repo: String,
 }
@@ -83,14 +83,17 @@ pub struct Routed {
 /// The upstream routing table, built once from the configuration.
 pub struct Router {
     upstreams: Vec<UpstreamSettings>,
-    default: Option<usize>,
+    default: Option<UpstreamId>,
 }
 
 impl Router {
     pub fn new(upstreams: &[UpstreamSettings]) -> Router {
         Router {
             upstreams: upstreams.to_vec(),
-            default: upstreams.iter().position(|u| u.default),
+            default: upstreams
+                .iter()
+                .position(|u| u.default)
+                .map(UpstreamId::new),
         }
     }
 
@@ -105,7 +108,7 @@ impl Router {
                 .ok_or_else(|| {
                     ApiError::name_unknown(format!("no upstream is configured for ns={ns}"))
                 })?;
-            (i, name)
+            (UpstreamId::new(i), name)
         } else if let Some((i, rest)) = self.by_prefix(name) {
             (i, rest)
         } else if let Some(i) = self.default {
@@ -115,7 +118,7 @@ impl Router {
                 "repository {name} matches no upstream: use a configured path prefix, ?ns=<registry>, or configure a default upstream"
             )));
         };
-        let repo = if self.upstreams[upstream].uses_library_prefix() && !repo.contains('/') {
+        let repo = if self.settings(upstream).uses_library_prefix() && !repo.contains('/') {
             format!("library/{repo}")
         } else {
             repo.to_string()
@@ -133,23 +136,28 @@ impl Router {
     /// `<prefix>/<rest>` for a configured prefix. For the default upstream's own prefix the
     /// rest must have two components or more: `docker/compose` is Docker Hub's repository
     /// of user `docker`, `docker/library/alpine` is the prefixed form of `library/alpine`.
-    fn by_prefix<'a>(&self, name: &'a str) -> Option<(usize, &'a str)> {
+    fn by_prefix<'a>(&self, name: &'a str) -> Option<(UpstreamId, &'a str)> {
         let (first, rest) = name.split_once('/')?;
         let i = self
             .upstreams
             .iter()
-            .position(|u| u.prefix.as_deref() == Some(first))?;
+            .position(|u| u.prefix.as_deref() == Some(first))
+            .map(UpstreamId::new)?;
         if Some(i) == self.default && !rest.contains('/') {
             return None;
         }
         Some((i, rest))
     }
 
+    fn settings(&self, upstream: UpstreamId) -> &UpstreamSettings {
+        &self.upstreams[upstream.index()]
+    }
+
     /// How clients address a cached repository (for the catalog).
-    pub fn client_name(&self, upstream: usize, repo: &str) -> String {
+    pub fn client_name(&self, upstream: UpstreamId, repo: &str) -> String {
         if Some(upstream) == self.default {
             repo.to_string()
-        } else if let Some(p) = &self.upstreams[upstream].prefix {
+        } else if let Some(p) = &self.settings(upstream).prefix {
             format!("{p}/{repo}")
         } else {
             repo.to_string()
@@ -272,11 +280,9 @@ mod tests {
 
     fn up(name: &str, default: bool, prefix: Option<&str>) -> UpstreamSettings {
         UpstreamSettings {
-            name: name.into(),
-            url: format!("https://{name}"),
             default,
             prefix: prefix.map(String::from),
-            ..Default::default()
+            ..UpstreamSettings::new(name, format!("https://{name}").parse().unwrap())
         }
     }
 
@@ -287,7 +293,7 @@ mod tests {
             up("ghcr.io", false, Some("ghcr")),
             up("quay.io", false, None),
         ]);
-        let rt = |n: &str, ns: Option<&str>| r.route(n, ns).map(|x| (x.upstream, x.repo));
+        let rt = |n: &str, ns: Option<&str>| r.route(n, ns).map(|x| (x.upstream.index(), x.repo));
         assert_eq!(rt("alpine", None).unwrap(), (0, "library/alpine".into()));
         assert_eq!(
             rt("library/alpine", None).unwrap(),

@@ -10,9 +10,10 @@ use futures_util::StreamExt;
 
 use crate::blobs::wait_for;
 use crate::common::*;
+use pullcache_actors::settings::ByteSize;
 
 fn budget(cfg: &mut pullcache::config::Config, max: u64) {
-    cfg.storage.max_size = Some(max);
+    cfg.storage.max_size = Some(ByteSize(max));
     cfg.storage.high_watermark = 0.9;
     cfg.storage.low_watermark = 0.6;
     cfg.storage.sweep_interval = Duration::from_millis(200);
@@ -34,7 +35,7 @@ async fn eviction_is_lru_between_watermarks_and_keeps_pins() {
         .collect();
     let pc = Pullcache::start_cfg(vec![upstream("docker.io", &up.url(), true, None)], |c| {
         budget(c, 950_000);
-        c.storage.pin = vec!["docker.io/library/keep:*".into()];
+        c.storage.pin = vec!["docker.io/library/keep:*".parse().unwrap()];
     });
     assert_eq!(
         get(&pc.url("/v2/library/keep/manifests/1"), &[]).await.0,
@@ -179,7 +180,7 @@ async fn ttl_per_upstream_immutable_tags_and_max_stale() {
     u.tag_ttl = Some(Duration::from_secs(60));
     let pc = Pullcache::start_cfg(vec![u], |c| {
         c.cache.tag_ttl = Duration::from_secs(3600);
-        c.cache.immutable_tags = vec![r"^v?[0-9]+\.[0-9]+\.[0-9]+$".into()];
+        c.cache.immutable_tags = vec![r"^v?[0-9]+\.[0-9]+\.[0-9]+$".parse().unwrap()];
         c.cache.max_stale = Duration::from_secs(600);
     });
     let latest = pc.url("/v2/library/app/manifests/latest");

@@ -342,12 +342,12 @@ async fn a_blob_out_of_the_page_cache_is_read_in_first() {
     // Warm: nothing to read in.
     let (_, _, body) = get(&url, &[]).await;
     assert_eq!(sha256(&body.unwrap()), da);
-    let before = pc.zero_copy.regions_read_in();
+    let before = pc.engine.blobs.regions_read_in();
     // Drop the file's pages (it is fsynced, so they are clean and can go).
     let f = std::fs::File::open(pc.blob_path(&da)).unwrap();
     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
     let (st, _, body) = get(&url, &[]).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(sha256(&body.unwrap()), da);
-    assert_eq!(pc.zero_copy.regions_read_in(), before + 1);
+    assert_eq!(pc.engine.blobs.regions_read_in(), before + 1);
 }

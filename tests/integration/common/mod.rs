@@ -489,14 +489,12 @@ pub struct Pullcache {
 
 pub fn upstream(name: &str, url: &str, default: bool, prefix: Option<&str>) -> UpstreamSettings {
     UpstreamSettings {
-        name: name.into(),
-        url: url.into(),
         default,
         prefix: prefix.map(String::from),
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(2),
-        ..Default::default()
+        ..UpstreamSettings::new(name, url.parse().expect("an upstream URL"))
     }
 }
 

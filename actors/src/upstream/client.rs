@@ -1,21 +1,11 @@
-//! The upstream client actor owns every connection to upstream registries: one awc client per
-//! upstream (awc is `!Send`, so the actor lives on its own arbiter thread and its clients never
-//! leave it), the remembered auth challenge per upstream and the bearer tokens per
-//! (upstream, scope). Other actors ask it for manifests, blob sizes and tag lists, or tell it
-//! to start a blob download whose bytes it pushes into a bounded channel (never through a
-//! mailbox).
-//!
-//! Behaviour: Docker-style token auth (anonymous or with the upstream's credentials) and Basic
-//! auth; redirects followed by hand so that `Authorization` never goes to another host;
-//! connect and response-header timeouts plus an idle timeout on bodies (no total timeout);
-//! idempotent requests that failed to connect are retried twice.
+//! One upstream's HTTP client: requests with token or Basic authentication, redirects
+//! followed by hand, timeouts, retries, and the answers turned into values or
+//! [`UpstreamError`]s. Runs on the upstream actor's thread only (see [`super`]).
 
 use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
 use awc::http::{header, Method, StatusCode};
 use awc::ClientResponse;
 use bytes::Bytes;
@@ -23,11 +13,12 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use url::Url;
 
+use super::{parse_ratelimit, DownloadEvent, Quota, TagsPage, UpstreamManifest};
 use crate::auth::{self, Challenge, TokenCache, TokenResponse};
 use crate::clock::Clock;
 use crate::digest::Digest;
 use crate::error::UpstreamError;
-use crate::messages::{media_types, FillEvent};
+use crate::oci::media_types;
 use crate::settings::UpstreamSettings;
 
 /// Manifests larger than this are refused (what Distribution and containers/image accept).
@@ -39,7 +30,7 @@ const CONNECT_RETRIES: usize = 2;
 
 /// One upstream's connection state. Lives on the actor's thread only (`Rc`/`RefCell`);
 /// borrows are never held across an `.await`.
-struct Conn {
+pub(super) struct Conn {
     settings: UpstreamSettings,
     base: Url,
     client: awc::Client,
@@ -50,270 +41,56 @@ struct Conn {
     clock: Clock,
 }
 
-/// An upstream's pull quota, from its `ratelimit-limit` / `ratelimit-remaining` headers
-/// (`100;w=21600`: 100 pulls per 21600-second window).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Quota {
-    pub limit: Option<u64>,
-    pub remaining: u64,
-    pub window_seconds: Option<u64>,
-    /// Unix ms when these headers were seen.
-    pub observed_ms: u64,
-}
-
-impl Quota {
-    /// Below `min` and the window in which it was seen has not passed yet.
-    pub fn is_low(&self, min: u64, now_ms: u64) -> bool {
-        let window_ms = self.window_seconds.unwrap_or(6 * 3600) * 1000;
-        self.remaining < min && now_ms < self.observed_ms + window_ms
-    }
-}
-
-/// Parses `20;w=21600` into (20, Some(21600)).
-pub fn parse_ratelimit(v: &str) -> Option<(u64, Option<u64>)> {
-    let mut parts = v.split(';');
-    let n = parts.next()?.trim().parse().ok()?;
-    let w = parts.find_map(|p| {
-        p.trim()
-            .strip_prefix("w=")
-            .and_then(|w| w.trim().parse().ok())
-    });
-    Some((n, w))
-}
-
-pub struct Upstreams {
-    conns: Vec<Rc<Conn>>,
-}
-
-impl Actor for Upstreams {
-    type Context = Context<Self>;
-}
-
-/// Validates upstream URLs; called before anything starts so config errors name the key.
-pub fn parse_base_url(s: &UpstreamSettings) -> Result<Url, String> {
-    let url = Url::parse(s.url.trim_end_matches('/'))
-        .map_err(|e| format!("invalid URL {:?}: {e}", s.url))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
-            "URL {:?} must be http:// or https:// with a host",
-            s.url
-        ));
-    }
-    if url.query().is_some() || !url.username().is_empty() {
-        return Err(format!(
-            "URL {:?} must not carry a query or credentials (use username/password)",
-            s.url
-        ));
-    }
-    Ok(url)
-}
-
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
-}
-
-impl Upstreams {
-    /// Starts the actor on a new arbiter (thread). The returned handle is `Send + Clone`.
-    pub fn start(settings: Vec<UpstreamSettings>, clock: Clock) -> Result<UpstreamHandle, String> {
-        let mut parsed = Vec::new();
-        for s in &settings {
-            parsed.push((s.clone(), parse_base_url(s)?));
+impl Conn {
+    pub(super) fn new(
+        settings: UpstreamSettings,
+        tls: Arc<rustls::ClientConfig>,
+        clock: Clock,
+    ) -> Conn {
+        let connector = awc::Connector::new()
+            .rustls_0_23(tls)
+            .timeout(settings.connect_timeout)
+            .handshake_timeout(settings.connect_timeout)
+            .limit(256);
+        let client = awc::Client::builder()
+            .connector(connector)
+            .disable_timeout()
+            .disable_redirects()
+            .add_default_header((
+                header::USER_AGENT,
+                concat!("pullcache/", env!("CARGO_PKG_VERSION")),
+            ))
+            .finish();
+        Conn {
+            base: settings.url.as_url().clone(),
+            settings,
+            client,
+            challenge: RefCell::new(None),
+            tokens: RefCell::new(TokenCache::default()),
+            quota: RefCell::new(None),
+            clock,
         }
-        let arbiter = Arbiter::new();
-        let addr = Upstreams::start_in_arbiter(&arbiter.handle(), move |_| {
-            let tls = tls_config();
-            let conns = parsed
-                .into_iter()
-                .map(|(settings, base)| {
-                    let connector = awc::Connector::new()
-                        .rustls_0_23(tls.clone())
-                        .timeout(settings.connect_timeout)
-                        .handshake_timeout(settings.connect_timeout)
-                        .limit(256);
-                    let client = awc::Client::builder()
-                        .connector(connector)
-                        .disable_timeout()
-                        .disable_redirects()
-                        .add_default_header((
-                            header::USER_AGENT,
-                            concat!("pullcache/", env!("CARGO_PKG_VERSION")),
-                        ))
-                        .finish();
-                    Rc::new(Conn {
-                        settings,
-                        base,
-                        client,
-                        challenge: RefCell::new(None),
-                        tokens: RefCell::new(TokenCache::default()),
-                        quota: RefCell::new(None),
-                        clock: clock.clone(),
-                    })
-                })
-                .collect();
-            Upstreams { conns }
-        });
-        Ok(UpstreamHandle {
-            addr,
-            _arbiter: Arc::new(ArbiterGuard(arbiter)),
-        })
+    }
+
+    /// The last rate-limit headers seen.
+    pub(super) fn quota(&self) -> Option<Quota> {
+        *self.quota.borrow()
+    }
+
+    /// Health probe: `GET /v2/` answered 200 or 401 within `timeout`.
+    pub(super) async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        let req = self.client.get(self.url("/v2/")).send();
+        match tokio::time::timeout(timeout, req).await {
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Ok(Err(e)) => Err(self.send_error(e).to_string()),
+            Ok(Ok(resp)) => match resp.status().as_u16() {
+                200 | 401 => Ok(start.elapsed()),
+                s => Err(format!("GET /v2/ answered {s}")),
+            },
+        }
     }
 }
-
-/// Stops the upstream thread when the last handle goes.
-struct ArbiterGuard(Arbiter);
-impl Drop for ArbiterGuard {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Messages.
-
-/// GET or HEAD a manifest by tag or digest.
-#[derive(Message)]
-#[rtype(result = "Result<UpstreamManifest, UpstreamError>")]
-pub struct FetchManifest {
-    pub upstream: usize,
-    pub repo: String,
-    pub reference: String,
-    pub head: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct UpstreamManifest {
-    /// `Content-Type` without parameters.
-    pub media_type: String,
-    /// `Docker-Content-Digest`, when the upstream sent a valid one.
-    pub digest: Option<Digest>,
-    /// The body (GET only).
-    pub bytes: Option<Bytes>,
-}
-
-/// Size of a blob, without downloading it.
-#[derive(Message)]
-#[rtype(result = "Result<u64, UpstreamError>")]
-pub struct HeadBlob {
-    pub upstream: usize,
-    pub repo: String,
-    pub digest: Digest,
-}
-
-/// Start downloading a blob; events go to `sink` until `End` or `Failed`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StartDownload {
-    pub upstream: usize,
-    pub repo: String,
-    pub digest: Digest,
-    pub sink: mpsc::Sender<FillEvent>,
-}
-
-/// One page of an upstream tag list.
-#[derive(Message)]
-#[rtype(result = "Result<TagsPage, UpstreamError>")]
-pub struct FetchTags {
-    pub upstream: usize,
-    pub repo: String,
-    pub n: Option<u32>,
-    pub last: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct TagsPage {
-    pub tags: Vec<String>,
-    /// The upstream announced another page (`Link: ...; rel="next"`).
-    pub more: bool,
-}
-
-impl Handler<FetchManifest> for Upstreams {
-    type Result = ResponseFuture<Result<UpstreamManifest, UpstreamError>>;
-    fn handle(&mut self, m: FetchManifest, _: &mut Self::Context) -> Self::Result {
-        let conn = self.conns[m.upstream].clone();
-        Box::pin(async move { conn.fetch_manifest(&m.repo, &m.reference, m.head).await })
-    }
-}
-
-impl Handler<HeadBlob> for Upstreams {
-    type Result = ResponseFuture<Result<u64, UpstreamError>>;
-    fn handle(&mut self, m: HeadBlob, _: &mut Self::Context) -> Self::Result {
-        let conn = self.conns[m.upstream].clone();
-        Box::pin(async move { conn.head_blob(&m.repo, &m.digest).await })
-    }
-}
-
-impl Handler<StartDownload> for Upstreams {
-    type Result = ();
-    fn handle(&mut self, m: StartDownload, _: &mut Self::Context) {
-        let conn = self.conns[m.upstream].clone();
-        // Runs on this arbiter independently of whoever asked: a client that goes away does
-        // not stop the download.
-        actix_rt::spawn(async move { conn.download(&m.repo, &m.digest, m.sink).await });
-    }
-}
-
-/// Health probe: `GET /v2/` answered 200 or 401 within `timeout`.
-#[derive(Message)]
-#[rtype(result = "Result<Duration, String>")]
-pub struct Probe {
-    pub upstream: usize,
-    pub timeout: Duration,
-}
-
-impl Handler<Probe> for Upstreams {
-    type Result = ResponseFuture<Result<Duration, String>>;
-    fn handle(&mut self, m: Probe, _: &mut Self::Context) -> Self::Result {
-        let conn = self.conns[m.upstream].clone();
-        Box::pin(async move {
-            let start = Instant::now();
-            let req = conn.client.get(conn.url("/v2/")).send();
-            match tokio::time::timeout(m.timeout, req).await {
-                Err(_) => Err(format!("no answer within {:?}", m.timeout)),
-                Ok(Err(e)) => Err(conn.send_error(e).to_string()),
-                Ok(Ok(resp)) => match resp.status().as_u16() {
-                    200 | 401 => Ok(start.elapsed()),
-                    s => Err(format!("GET /v2/ answered {s}")),
-                },
-            }
-        })
-    }
-}
-
-/// The last quota headers seen for an upstream.
-#[derive(Message)]
-#[rtype(result = "Option<Quota>")]
-pub struct GetQuota {
-    pub upstream: usize,
-}
-
-impl Handler<GetQuota> for Upstreams {
-    type Result = Option<Quota>;
-    fn handle(&mut self, m: GetQuota, _: &mut Self::Context) -> Self::Result {
-        *self.conns[m.upstream].quota.borrow()
-    }
-}
-
-impl Handler<FetchTags> for Upstreams {
-    type Result = ResponseFuture<Result<TagsPage, UpstreamError>>;
-    fn handle(&mut self, m: FetchTags, _: &mut Self::Context) -> Self::Result {
-        let conn = self.conns[m.upstream].clone();
-        Box::pin(async move { conn.fetch_tags(&m.repo, m.n, m.last.as_deref()).await })
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The client logic.
 
 struct Req<'a> {
     method: Method,
@@ -361,7 +138,7 @@ impl Conn {
             && url.port_or_known_default() == self.base.port_or_known_default()
     }
 
-    async fn fetch_manifest(
+    pub(super) async fn fetch_manifest(
         &self,
         repo: &str,
         reference: &str,
@@ -424,7 +201,11 @@ impl Conn {
         })
     }
 
-    async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<u64, UpstreamError> {
+    pub(super) async fn head_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<u64, UpstreamError> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
         let mut resp = self
             .send(Req {
@@ -472,7 +253,12 @@ impl Conn {
         }
     }
 
-    async fn download(&self, repo: &str, digest: &Digest, sink: mpsc::Sender<FillEvent>) {
+    pub(super) async fn download(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        sink: mpsc::Sender<DownloadEvent>,
+    ) {
         let req = Req {
             method: Method::GET,
             url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
@@ -484,17 +270,17 @@ impl Conn {
         let mut resp = match self.send(req).await {
             Ok(r) => r,
             Err(e) => {
-                let _ = sink.send(FillEvent::Failed(e)).await;
+                let _ = sink.send(DownloadEvent::Failed(e)).await;
                 return;
             }
         };
         if resp.status() != StatusCode::OK {
             let e = self.status_error(&mut resp, false).await;
-            let _ = sink.send(FillEvent::Failed(e)).await;
+            let _ = sink.send(DownloadEvent::Failed(e)).await;
             return;
         }
         if sink
-            .send(FillEvent::Headers {
+            .send(DownloadEvent::Headers {
                 total: content_length(&resp),
             })
             .await
@@ -506,7 +292,7 @@ impl Conn {
         // event (up to BATCH), so the fill writer and its readers wake per batch, not per
         // piece. Nothing waits to fill a batch: the first byte is not delayed.
         const BATCH: usize = 1024 * 1024;
-        let mut end: Option<FillEvent> = None;
+        let mut end: Option<DownloadEvent> = None;
         while end.is_none() {
             let mut pieces: Vec<Bytes> = Vec::new();
             let mut size = 0;
@@ -516,11 +302,13 @@ impl Conn {
                     pieces.push(chunk);
                 }
                 Ok(Some(Err(e))) => {
-                    end = Some(FillEvent::Failed(self.protocol(format!("blob body: {e}"))))
+                    end = Some(DownloadEvent::Failed(
+                        self.protocol(format!("blob body: {e}")),
+                    ))
                 }
-                Ok(None) => end = Some(FillEvent::End),
+                Ok(None) => end = Some(DownloadEvent::End),
                 Err(_) => {
-                    end = Some(FillEvent::Failed(
+                    end = Some(DownloadEvent::Failed(
                         self.timeout("while streaming a blob (idle)"),
                     ))
                 }
@@ -533,12 +321,14 @@ impl Conn {
                         pieces.push(more);
                     }
                     Some(Some(Err(e))) => {
-                        end = Some(FillEvent::Failed(self.protocol(format!("blob body: {e}"))))
+                        end = Some(DownloadEvent::Failed(
+                            self.protocol(format!("blob body: {e}")),
+                        ))
                     }
-                    Some(None) => end = Some(FillEvent::End),
+                    Some(None) => end = Some(DownloadEvent::End),
                 }
             }
-            if !pieces.is_empty() && sink.send(FillEvent::Chunk(pieces)).await.is_err() {
+            if !pieces.is_empty() && sink.send(DownloadEvent::Chunk(pieces)).await.is_err() {
                 return;
             }
         }
@@ -547,7 +337,7 @@ impl Conn {
         }
     }
 
-    async fn fetch_tags(
+    pub(super) async fn fetch_tags(
         &self,
         repo: &str,
         n: Option<u32>,
@@ -878,27 +668,6 @@ fn retryable(e: &awc::error::SendRequestError) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ratelimit_headers() {
-        assert_eq!(parse_ratelimit("100;w=21600"), Some((100, Some(21600))));
-        assert_eq!(parse_ratelimit("20"), Some((20, None)));
-        assert_eq!(parse_ratelimit("x;w=1"), None);
-        let q = Quota {
-            limit: Some(100),
-            remaining: 3,
-            window_seconds: Some(60),
-            observed_ms: 1000,
-        };
-        assert!(q.is_low(5, 2000));
-        assert!(!q.is_low(5, 61_001));
-        assert!(!q.is_low(3, 2000));
-    }
-}
-
 fn pull_scope(repo: &str) -> String {
     format!("repository:{repo}:pull")
 }
@@ -921,100 +690,4 @@ fn oci_error_message(body: &[u8]) -> Option<String> {
     let msg = e.get("message").and_then(|c| c.as_str()).unwrap_or("");
     let s = format!("{code} {msg}").trim().to_string();
     (!s.is_empty()).then(|| s.chars().take(300).collect())
-}
-
-// ---------------------------------------------------------------------------------------
-
-/// What other actors hold to talk to the upstream client.
-#[derive(Clone)]
-pub struct UpstreamHandle {
-    addr: Addr<Upstreams>,
-    _arbiter: Arc<ArbiterGuard>,
-}
-
-impl UpstreamHandle {
-    fn gone(e: MailboxError) -> UpstreamError {
-        UpstreamError::Connect {
-            upstream: "-".into(),
-            detail: format!("upstream client unavailable: {e}"),
-        }
-    }
-
-    pub async fn manifest(
-        &self,
-        upstream: usize,
-        repo: &str,
-        reference: &str,
-        head: bool,
-    ) -> Result<UpstreamManifest, UpstreamError> {
-        self.addr
-            .send(FetchManifest {
-                upstream,
-                repo: repo.into(),
-                reference: reference.into(),
-                head,
-            })
-            .await
-            .map_err(Self::gone)?
-    }
-
-    pub async fn head_blob(
-        &self,
-        upstream: usize,
-        repo: &str,
-        digest: &Digest,
-    ) -> Result<u64, UpstreamError> {
-        self.addr
-            .send(HeadBlob {
-                upstream,
-                repo: repo.into(),
-                digest: digest.clone(),
-            })
-            .await
-            .map_err(Self::gone)?
-    }
-
-    pub fn start_download(
-        &self,
-        upstream: usize,
-        repo: &str,
-        digest: &Digest,
-        sink: mpsc::Sender<FillEvent>,
-    ) {
-        self.addr.do_send(StartDownload {
-            upstream,
-            repo: repo.into(),
-            digest: digest.clone(),
-            sink,
-        });
-    }
-
-    pub async fn probe(&self, upstream: usize, timeout: Duration) -> Result<Duration, String> {
-        self.addr
-            .send(Probe { upstream, timeout })
-            .await
-            .map_err(|e| format!("upstream client unavailable: {e}"))?
-    }
-
-    pub async fn quota(&self, upstream: usize) -> Option<Quota> {
-        self.addr.send(GetQuota { upstream }).await.ok().flatten()
-    }
-
-    pub async fn tags(
-        &self,
-        upstream: usize,
-        repo: &str,
-        n: Option<u32>,
-        last: Option<String>,
-    ) -> Result<TagsPage, UpstreamError> {
-        self.addr
-            .send(FetchTags {
-                upstream,
-                repo: repo.into(),
-                n,
-                last,
-            })
-            .await
-            .map_err(Self::gone)?
-    }
 }
