@@ -225,7 +225,7 @@ pub struct ListRepositories;
 
 /// Everything written so far, on disk.
 #[derive(Message)]
-#[rtype(result = "Durable")]
+#[rtype(result = "Result<Durable, MetaError>")]
 pub struct Flush;
 
 /// Is the database answering?
@@ -234,178 +234,87 @@ pub struct Flush;
 pub struct Ping;
 
 // ---------------------------------------------------------------------------------------
-// Handlers: each is one call on the database.
+// Handlers: each is a call or two on the database, answering with the message's own result
+// type (`Message::Result`).
 
-impl Handler<LookupBlob> for Metadata {
-    type Result = Result<BlobLookup, MetaError>;
-    fn handle(&mut self, m: LookupBlob, _: &mut Self::Context) -> Self::Result {
-        let record = self.db.blob(&m.digest)?;
+macro_rules! handlers {
+    ($($msg:ty => |$db:ident, $m:ident| $body:expr;)*) => {$(
+        impl Handler<$msg> for Metadata {
+            type Result = <$msg as Message>::Result;
+            fn handle(&mut self, $m: $msg, _: &mut Self::Context) -> Self::Result {
+                let $db = &self.db;
+                $body
+            }
+        }
+    )*};
+}
+
+handlers! {
+    LookupBlob => |db, m| {
+        let record = db.blob(&m.digest)?;
         let linked = match (&record, &m.upstream) {
-            (Some(_), Some(u)) => self.db.is_linked(u, &m.digest)?,
+            (Some(_), Some(u)) => db.is_linked(u, &m.digest)?,
             _ => false,
         };
         Ok(BlobLookup { record, linked })
-    }
-}
-
-impl Handler<RecordBlob> for Metadata {
-    type Result = Result<Durable, MetaError>;
-    fn handle(&mut self, m: RecordBlob, _: &mut Self::Context) -> Self::Result {
-        self.db.record_blob(&m.digest, m.size, m.now_ms)?;
-        self.db.link(&m.upstream, &m.digest)?;
-        Ok(self.db.durable())
-    }
-}
-
-impl Handler<RecordRecovered> for Metadata {
-    type Result = Result<(usize, u64), MetaError>;
-    fn handle(&mut self, m: RecordRecovered, _: &mut Self::Context) -> Self::Result {
-        self.db.record_new_blobs(&m.blobs, m.now_ms)
-    }
-}
-
-impl Handler<Unrecorded> for Metadata {
-    type Result = Result<Vec<(Digest, u64)>, MetaError>;
-    fn handle(&mut self, m: Unrecorded, _: &mut Self::Context) -> Self::Result {
+    };
+    RecordBlob => |db, m| {
+        db.record_blob(&m.digest, m.size, m.now_ms)?;
+        db.link(&m.upstream, &m.digest)?;
+        Ok(db.durable())
+    };
+    RecordRecovered => |db, m| db.record_new_blobs(&m.blobs, m.now_ms);
+    Unrecorded => |db, m| {
         let mut out = Vec::with_capacity(m.0.len());
         for (d, size) in m.0 {
-            if self.db.blob(&d)?.is_none() {
+            if db.blob(&d)?.is_none() {
                 out.push((d, size));
             }
         }
         Ok(out)
-    }
-}
-
-impl Handler<LinkBlobs> for Metadata {
-    type Result = Result<(), MetaError>;
-    fn handle(&mut self, m: LinkBlobs, _: &mut Self::Context) -> Self::Result {
-        for d in &m.digests {
-            self.db.link(&m.upstream, d)?;
-        }
-        Ok(())
-    }
-}
-
-impl Handler<TouchBlob> for Metadata {
-    type Result = ();
-    fn handle(&mut self, m: TouchBlob, _: &mut Self::Context) {
-        if let Err(e) = self.db.touch_blob(&m.digest, m.now_ms) {
+    };
+    LinkBlobs => |db, m| m.digests.iter().try_for_each(|d| db.link(&m.upstream, d));
+    TouchBlob => |db, m| {
+        if let Err(e) = db.touch_blob(&m.digest, m.now_ms) {
             tracing::warn!(digest = %m.digest, error = %e, "could not record blob access");
         }
-    }
-}
-
-impl Handler<ForgetBlob> for Metadata {
-    type Result = Result<(), MetaError>;
-    fn handle(&mut self, m: ForgetBlob, _: &mut Self::Context) -> Self::Result {
-        self.db.remove_blob(&m.digest).map(|_| ())
-    }
-}
-
-impl Handler<EvictLru> for Metadata {
-    type Result = Result<Evicted, MetaError>;
-    fn handle(&mut self, m: EvictLru, _: &mut Self::Context) -> Self::Result {
-        self.db
-            .evict_lru(m.target, &m.pinned, m.after.as_deref(), m.max)
-    }
-}
-
-impl Handler<PinnedContent> for Metadata {
-    type Result = Result<Pinned, MetaError>;
-    fn handle(&mut self, m: PinnedContent, _: &mut Self::Context) -> Self::Result {
-        self.db.pinned(&m.pins)
-    }
-}
-
-impl Handler<DropIdleRepositories> for Metadata {
-    type Result = Result<usize, MetaError>;
-    fn handle(&mut self, m: DropIdleRepositories, _: &mut Self::Context) -> Self::Result {
-        self.db.drop_idle_repositories(m.before_ms, &m.keep)
-    }
-}
-
-impl Handler<GetManifest> for Metadata {
-    type Result = Result<Option<ManifestRecord>, MetaError>;
-    fn handle(&mut self, m: GetManifest, _: &mut Self::Context) -> Self::Result {
-        self.db.manifest(&m.upstream, &m.repo, &m.digest)
-    }
-}
-
-impl Handler<PutManifest> for Metadata {
-    type Result = Result<Durable, MetaError>;
-    fn handle(&mut self, m: PutManifest, _: &mut Self::Context) -> Self::Result {
+    };
+    ForgetBlob => |db, m| db.remove_blob(&m.digest).map(|_| ());
+    EvictLru => |db, m| db.evict_lru(m.target, &m.pinned, m.after.as_deref(), m.max);
+    PinnedContent => |db, m| db.pinned(&m.pins);
+    DropIdleRepositories => |db, m| db.drop_idle_repositories(m.before_ms, &m.keep);
+    GetManifest => |db, m| db.manifest(&m.upstream, &m.repo, &m.digest);
+    PutManifest => |db, m| {
         for d in &m.links {
-            self.db.link(&m.upstream, d)?;
+            db.link(&m.upstream, d)?;
         }
         let tag = m.tag.as_ref().map(|(t, r)| (t.as_str(), r));
-        self.db
-            .put_manifest(&m.upstream, &m.repo, &m.digest, &m.record, tag)?;
-        Ok(self.db.durable())
-    }
-}
-
-impl Handler<GetTag> for Metadata {
-    type Result = Result<Option<TagRecord>, MetaError>;
-    fn handle(&mut self, m: GetTag, _: &mut Self::Context) -> Self::Result {
-        self.db.tag(&m.upstream, &m.repo, &m.tag)
-    }
-}
-
-impl Handler<PutTag> for Metadata {
-    type Result = Result<Durable, MetaError>;
-    fn handle(&mut self, m: PutTag, _: &mut Self::Context) -> Self::Result {
-        self.db.put_tag(&m.upstream, &m.repo, &m.tag, &m.record)?;
-        Ok(self.db.durable())
-    }
-}
-
-impl Handler<DeleteTag> for Metadata {
-    type Result = Result<Durable, MetaError>;
-    fn handle(&mut self, m: DeleteTag, _: &mut Self::Context) -> Self::Result {
-        self.db.delete_tag(&m.upstream, &m.repo, &m.tag)?;
-        Ok(self.db.durable())
-    }
-}
-
-impl Handler<ListTags> for Metadata {
-    type Result = Result<Option<Vec<String>>, MetaError>;
-    fn handle(&mut self, m: ListTags, _: &mut Self::Context) -> Self::Result {
-        if !self.db.has_repository(&m.upstream, &m.repo)? {
+        db.put_manifest(&m.upstream, &m.repo, &m.digest, &m.record, tag)?;
+        Ok(db.durable())
+    };
+    GetTag => |db, m| db.tag(&m.upstream, &m.repo, &m.tag);
+    PutTag => |db, m| {
+        db.put_tag(&m.upstream, &m.repo, &m.tag, &m.record)?;
+        Ok(db.durable())
+    };
+    DeleteTag => |db, m| {
+        db.delete_tag(&m.upstream, &m.repo, &m.tag)?;
+        Ok(db.durable())
+    };
+    ListTags => |db, m| {
+        if !db.has_repository(&m.upstream, &m.repo)? {
             return Ok(None);
         }
-        Ok(Some(self.db.tags_of(&m.upstream, &m.repo)?))
-    }
-}
-
-impl Handler<TouchRepo> for Metadata {
-    type Result = ();
-    fn handle(&mut self, m: TouchRepo, _: &mut Self::Context) {
-        if let Err(e) = self.db.touch_repo(&m.upstream, &m.repo, m.now_ms) {
+        Ok(Some(db.tags_of(&m.upstream, &m.repo)?))
+    };
+    TouchRepo => |db, m| {
+        if let Err(e) = db.touch_repo(&m.upstream, &m.repo, m.now_ms) {
             tracing::warn!(error = %e, "could not record repository access");
         }
-    }
-}
-
-impl Handler<ListRepositories> for Metadata {
-    type Result = Result<Vec<(String, String)>, MetaError>;
-    fn handle(&mut self, _: ListRepositories, _: &mut Self::Context) -> Self::Result {
-        self.db.repositories()
-    }
-}
-
-impl Handler<Flush> for Metadata {
-    type Result = MessageResult<Flush>;
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.db.durable())
-    }
-}
-
-impl Handler<Ping> for Metadata {
-    type Result = Result<(), MetaError>;
-    fn handle(&mut self, _: Ping, _: &mut Self::Context) -> Self::Result {
-        self.db.setting("ping").map(|_| ())
-    }
+    };
+    ListRepositories => |db, _m| db.repositories();
+    Flush => |db, _m| Ok(db.durable());
+    Ping => |db, _m| db.setting("ping").map(|_| ());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -444,6 +353,6 @@ impl MetaHandle {
 
     /// Everything written so far, on disk.
     pub async fn flush(&self) -> Result<(), MetaError> {
-        self.ask(Flush).await?.await
+        self.ask(Flush).await??.await
     }
 }

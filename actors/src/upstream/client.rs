@@ -98,6 +98,20 @@ struct Req<'a> {
     follow_redirects: bool,
 }
 
+impl<'a> Req<'a> {
+    /// A request about `repo` (its pull scope for tokens), following redirects.
+    fn pull(method: Method, url: String, repo: &str, accept: Option<&'a str>) -> Req<'a> {
+        Req {
+            method,
+            url,
+            scope: Some(pull_scope(repo)),
+            accept,
+            range: None,
+            follow_redirects: true,
+        }
+    }
+}
+
 impl Conn {
     fn record_quota(&self, resp: &ClientResponse) {
         let get = |h: &str| {
@@ -133,6 +147,36 @@ impl Conn {
         url.scheme() == self.base.scheme()
             && url.host_str() == self.base.host_str()
             && url.port_or_known_default() == self.base.port_or_known_default()
+    }
+
+    /// Sends `req` (see [`Conn::send`]); any answer but 200 is an error, with the
+    /// upstream's message unless it was a HEAD.
+    async fn send_ok(&self, req: Req<'_>) -> Result<ClientResponse, UpstreamError> {
+        let head = req.method == Method::HEAD;
+        let mut resp = self.send(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.status_error(&mut resp, head).await);
+        }
+        Ok(resp)
+    }
+
+    /// A response body of at most `limit` bytes, within the response timeout; `what` names
+    /// it in errors.
+    async fn body(
+        &self,
+        resp: &mut ClientResponse,
+        limit: usize,
+        what: &'static str,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        let read = resp.body().limit(limit);
+        match tokio::time::timeout(self.settings.response_timeout, read).await {
+            Err(_) => Err(self.timeout(what)),
+            Ok(Err(awc::error::PayloadError::Overflow)) => {
+                Err(self.protocol(format!("{what}: more than {} bytes", limit)))
+            }
+            Ok(Err(e)) => Err(self.protocol(format!("{what}: {e}"))),
+            Ok(Ok(b)) => Ok(b),
+        }
     }
 
     /// Sends a request with authentication: answers one 401 challenge (fetching a token or
@@ -264,13 +308,9 @@ impl Conn {
             }
             _ => return Err(self.status_error(&mut resp, false).await),
         }
-        let body = tokio::time::timeout(
-            self.settings.response_timeout,
-            resp.body().limit(MAX_TOKEN_BODY),
-        )
-        .await
-        .map_err(|_| self.timeout("reading a token"))?
-        .map_err(|e| self.protocol(format!("token response: {e}")))?;
+        let body = self
+            .body(&mut resp, MAX_TOKEN_BODY, "reading a token response")
+            .await?;
         let t: TokenResponse = serde_json::from_slice(&body)
             .map_err(|_| self.protocol("token response is not JSON".into()))?;
         let token = t

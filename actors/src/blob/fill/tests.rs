@@ -75,6 +75,15 @@ impl Rig {
     fn temp_files(&self) -> usize {
         self.store.clean_temp().unwrap()
     }
+
+    /// Waits for the fill to fail: its error and outcome, once it has cleaned up (no
+    /// temporary file may be left).
+    async fn failure(&mut self) -> (EngineError, FillOutcome) {
+        let e = self.until(|_| None::<()>).await.unwrap_err();
+        let outcome = self.outcome().await;
+        assert_eq!(self.temp_files(), 0, "no temporary file is left");
+        (e, outcome)
+    }
 }
 
 fn digest(b: &[u8]) -> Digest {
@@ -140,11 +149,10 @@ async fn a_digest_mismatch_fails_and_keeps_nothing() {
     rig.send(DownloadEvent::Headers { total: None }).await;
     rig.send(DownloadEvent::Chunk(vec![Bytes::from(b)])).await;
     rig.send(DownloadEvent::End).await;
-    let e = rig.until(|_| None::<()>).await.unwrap_err();
+    let (e, outcome) = rig.failure().await;
     assert!(matches!(e, EngineError::DigestMismatch { .. }), "{e:?}");
-    assert_eq!(rig.outcome().await, FillOutcome::Failed);
+    assert_eq!(outcome, FillOutcome::Failed);
     assert!(!rig.store.blob_path(&d).exists());
-    assert_eq!(rig.temp_files(), 0, "the temporary file is gone");
 }
 
 #[actix_rt::test]
@@ -159,13 +167,12 @@ async fn more_or_fewer_bytes_than_announced_fail() {
         rig.send(DownloadEvent::Chunk(vec![Bytes::from(b)])).await;
         // The writer stops reading after a body longer than announced: ignore a refusal.
         let _ = rig.events.as_ref().unwrap().send(DownloadEvent::End).await;
-        let e = rig.until(|_| None::<()>).await.unwrap_err();
+        let (e, outcome) = rig.failure().await;
         assert!(
             matches!(e, EngineError::Upstream(UpstreamError::Protocol { .. })),
             "{sent} of {announced}: {e:?}"
         );
-        assert_eq!(rig.outcome().await, FillOutcome::Failed);
-        assert_eq!(rig.temp_files(), 0);
+        assert_eq!(outcome, FillOutcome::Failed);
     }
 }
 
@@ -182,10 +189,9 @@ async fn an_upstream_gone_mid_way_abandons_the_fill() {
         .await
         .unwrap();
     rig.events.take(); // the upstream side went away without End or Failed
-    let e = rig.until(|_| None::<()>).await.unwrap_err();
+    let (e, outcome) = rig.failure().await;
     assert!(matches!(e, EngineError::Abandoned), "{e:?}");
-    assert_eq!(rig.outcome().await, FillOutcome::Abandoned);
-    assert_eq!(rig.temp_files(), 0);
+    assert_eq!(outcome, FillOutcome::Abandoned);
 }
 
 #[actix_rt::test]
@@ -199,9 +205,9 @@ async fn an_upstream_refusal_becomes_the_objects_error() {
         retry_after: None,
     }))
     .await;
-    let e = rig.until(|_| None::<()>).await.unwrap_err();
+    let (e, outcome) = rig.failure().await;
     assert!(matches!(e, EngineError::BlobUnknown(_)), "{e:?}");
-    assert_eq!(rig.outcome().await, FillOutcome::Failed);
+    assert_eq!(outcome, FillOutcome::Failed);
 }
 
 // -- wait_fill

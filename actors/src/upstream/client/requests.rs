@@ -8,7 +8,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use url::Url;
 
-use super::{content_length, pull_scope, Conn, Req, MAX_MANIFEST_BYTES};
+use super::{content_length, Conn, Req, MAX_MANIFEST_BYTES};
 use crate::digest::Digest;
 use crate::error::UpstreamError;
 use crate::oci::media_types;
@@ -22,19 +22,11 @@ impl Conn {
         head: bool,
     ) -> Result<UpstreamManifest, UpstreamError> {
         let accept = media_types::ALL.join(", ");
+        let method = if head { Method::HEAD } else { Method::GET };
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"));
         let mut resp = self
-            .send(Req {
-                method: if head { Method::HEAD } else { Method::GET },
-                url: self.url(&format!("/v2/{repo}/manifests/{reference}")),
-                scope: Some(pull_scope(repo)),
-                accept: Some(&accept),
-                range: None,
-                follow_redirects: true,
-            })
+            .send_ok(Req::pull(method, url, repo, Some(&accept)))
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.status_error(&mut resp, head).await);
-        }
         let media_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -57,19 +49,10 @@ impl Conn {
         let bytes = if head {
             None
         } else {
-            let body = tokio::time::timeout(
-                self.settings.response_timeout,
-                resp.body().limit(MAX_MANIFEST_BYTES),
+            Some(
+                self.body(&mut resp, MAX_MANIFEST_BYTES, "reading a manifest body")
+                    .await?,
             )
-            .await;
-            match body {
-                Err(_) => return Err(self.timeout("reading a manifest body")),
-                Ok(Err(awc::error::PayloadError::Overflow)) => {
-                    return Err(self.protocol("manifest exceeds the 4 MiB limit".into()))
-                }
-                Ok(Err(e)) => return Err(self.protocol(format!("reading a manifest body: {e}"))),
-                Ok(Ok(b)) => Some(b),
-            }
         };
         Ok(UpstreamManifest {
             media_type,
@@ -85,14 +68,7 @@ impl Conn {
     ) -> Result<u64, UpstreamError> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
         let mut resp = self
-            .send(Req {
-                method: Method::HEAD,
-                url: url.clone(),
-                scope: Some(pull_scope(repo)),
-                accept: None,
-                range: None,
-                follow_redirects: true,
-            })
+            .send(Req::pull(Method::HEAD, url.clone(), repo, None))
             .await?;
         if resp.status() == StatusCode::OK {
             if let Some(len) = content_length(&resp) {
@@ -107,12 +83,8 @@ impl Conn {
         // the first byte and read the total from Content-Range.
         let mut resp = self
             .send(Req {
-                method: Method::GET,
-                url,
-                scope: Some(pull_scope(repo)),
-                accept: None,
                 range: Some("bytes=0-0".into()),
-                follow_redirects: true,
+                ..Req::pull(Method::GET, url, repo, None)
             })
             .await?;
         match resp.status() {
@@ -136,14 +108,8 @@ impl Conn {
         digest: &Digest,
         sink: mpsc::Sender<DownloadEvent>,
     ) {
-        let req = Req {
-            method: Method::GET,
-            url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
-            scope: Some(pull_scope(repo)),
-            accept: None,
-            range: None,
-            follow_redirects: true,
-        };
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let req = Req::pull(Method::GET, url, repo, None);
         let mut resp = match self.send(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -172,37 +138,16 @@ impl Conn {
         let mut end: Option<DownloadEvent> = None;
         while end.is_none() {
             let mut pieces: Vec<Bytes> = Vec::new();
-            let mut size = 0;
-            match tokio::time::timeout(self.settings.idle_timeout, resp.next()).await {
-                Ok(Some(Ok(chunk))) => {
-                    size += chunk.len();
-                    pieces.push(chunk);
-                }
-                Ok(Some(Err(e))) => {
-                    end = Some(DownloadEvent::Failed(
-                        self.protocol(format!("blob body: {e}")),
-                    ))
-                }
-                Ok(None) => end = Some(DownloadEvent::End),
-                Err(_) => {
-                    end = Some(DownloadEvent::Failed(
-                        self.timeout("while streaming a blob (idle)"),
-                    ))
-                }
-            }
-            while end.is_none() && size < BATCH {
+            end = match tokio::time::timeout(self.settings.idle_timeout, resp.next()).await {
+                Ok(item) => self.batch(item, &mut pieces),
+                Err(_) => Some(DownloadEvent::Failed(
+                    self.timeout("while streaming a blob (idle)"),
+                )),
+            };
+            while end.is_none() && pieces.iter().map(Bytes::len).sum::<usize>() < BATCH {
                 match resp.next().now_or_never() {
                     None => break,
-                    Some(Some(Ok(more))) => {
-                        size += more.len();
-                        pieces.push(more);
-                    }
-                    Some(Some(Err(e))) => {
-                        end = Some(DownloadEvent::Failed(
-                            self.protocol(format!("blob body: {e}")),
-                        ))
-                    }
-                    Some(None) => end = Some(DownloadEvent::End),
+                    Some(item) => end = self.batch(item, &mut pieces),
                 }
             }
             if !pieces.is_empty() && sink.send(DownloadEvent::Chunk(pieces)).await.is_err() {
@@ -236,18 +181,8 @@ impl Conn {
             url.pop();
         }
         let mut resp = self
-            .send(Req {
-                method: Method::GET,
-                url,
-                scope: Some(pull_scope(repo)),
-                accept: Some("application/json"),
-                range: None,
-                follow_redirects: true,
-            })
+            .send_ok(Req::pull(Method::GET, url, repo, Some("application/json")))
             .await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.status_error(&mut resp, false).await);
-        }
         let more = resp
             .headers()
             .get_all(header::LINK)
@@ -258,18 +193,32 @@ impl Conn {
             #[serde(default)]
             tags: Option<Vec<String>>,
         }
-        let body = tokio::time::timeout(
-            self.settings.response_timeout,
-            resp.body().limit(MAX_MANIFEST_BYTES),
-        )
-        .await
-        .map_err(|_| self.timeout("reading a tag list"))?
-        .map_err(|e| self.protocol(format!("tag list: {e}")))?;
+        let body = self
+            .body(&mut resp, MAX_MANIFEST_BYTES, "reading a tag list")
+            .await?;
         let list: List = serde_json::from_slice(&body)
             .map_err(|e| self.protocol(format!("tag list is not JSON: {e}")))?;
         Ok(TagsPage {
             tags: list.tags.unwrap_or_default(),
             more,
         })
+    }
+
+    /// Adds a piece of a blob body to `pieces`; at the body's end, how it ended.
+    fn batch(
+        &self,
+        item: Option<Result<Bytes, awc::error::PayloadError>>,
+        pieces: &mut Vec<Bytes>,
+    ) -> Option<DownloadEvent> {
+        match item {
+            Some(Ok(piece)) => {
+                pieces.push(piece);
+                None
+            }
+            Some(Err(e)) => Some(DownloadEvent::Failed(
+                self.protocol(format!("blob body: {e}")),
+            )),
+            None => Some(DownloadEvent::End),
+        }
     }
 }
