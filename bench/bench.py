@@ -60,6 +60,12 @@ SECTIONS = set(
     if s.strip()
 )
 PULLCACHE_BIN = os.environ.get("PULLCACHE_BIN", "")
+# Systems measured (the upstream always runs: the caches need it); default all.
+SYSTEMS = set(s.strip() for s in os.environ.get("BENCH_SYSTEMS", "").split(",") if s.strip())
+
+
+def measured(systems):
+    return [s for s in systems if not SYSTEMS or s in SYSTEMS]
 
 PORTS = {
     "upstream": PORT_BASE,
@@ -1314,11 +1320,11 @@ default = true
             log(f"=== repetition {rep}/{REPEAT}")
             self.sha256_speed()
             if "burst" in SECTIONS:
-                for s in CACHES + ["upstream"]:
+                for s in measured(CACHES + ["upstream"]):
                     check_budget()
                     self.only(s)
                     self.burst(s, rep)
-            for s in ALL_SYSTEMS:
+            for s in measured(ALL_SYSTEMS):
                 check_budget()
                 self.only(s)
                 if "pulls" in SECTIONS:
@@ -1329,7 +1335,7 @@ default = true
                     self.cold_manifests(s, rep)
         if "many" in SECTIONS:
             log(f"=== {MANY_CLIENTS} concurrent warm pulls")
-            for s in CACHES + ["static"]:
+            for s in measured(CACHES + ["static"]):
                 check_budget()
                 self.only(s)
                 self.many(s)
@@ -1422,7 +1428,7 @@ def report(b, elapsed, error=None):
     sha = stats(b.samples.get("sha256_mbps", {}).get("machine", []))
 
     quick = ((BIG_MB, MID_MB, REPEAT, WRK_S) != (1024, 64, 3, 10) or STARTUP_BLOBS != 100000
-             or SECTIONS != set(ALL_SECTIONS.split(",")))
+             or SECTIONS != set(ALL_SECTIONS.split(",")) or bool(SYSTEMS))
     name = f"{b.stamp}-{'custom' if quick else 'full'}"
     os.makedirs(os.path.join(BENCH_DIR, "results"), exist_ok=True)
     cmd = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)

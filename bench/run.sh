@@ -15,6 +15,7 @@
 #   BENCH_MID_CLIENTS [16]  BENCH_WRK_CONNECTIONS [64]  BENCH_STARTUP_BLOBS [100000]
 #   BENCH_SECTIONS       comma list of pulls,burst,manifests,coldmanifests,many,startup [all]
 #   BENCH_COLD_MANIFESTS [200]  distinct manifests fetched cold in the coldmanifests section
+#   BENCH_SYSTEMS        comma list of pullcache,distribution,nginx,upstream,static [all]
 #   BENCH_MANY_CLIENTS [100]  concurrent warm pulls of the big blob in the many section
 #   BENCH_PORT_BASE      first of six loopback ports [36000]
 #   BENCH_BUDGET         seconds the measurements may take before the run aborts [2400]

@@ -559,5 +559,14 @@ mod tests {
         assert_eq!(c.storage.max_size.unwrap().as_u64(), 3 << 29);
         let c = load_str("", &[("PULLCACHE_STORAGE__MAX_SIZE", "1048576")]).unwrap();
         assert_eq!(c.storage.max_size.unwrap().as_u64(), 1 << 20);
+        // Blank is unset: the environment can clear a size the file sets.
+        let c = load_str(
+            "[storage]\nmax_size = \" 2GiB \"\n",
+            &[("PULLCACHE_STORAGE__MAX_SIZE", "")],
+        )
+        .unwrap();
+        assert_eq!(c.storage.max_size, None);
+        let c = load_str("[storage]\nmax_size = \" 2GiB \"\n", &[]).unwrap();
+        assert_eq!(c.storage.max_size.unwrap().as_u64(), 2 << 30);
     }
 }

@@ -1,6 +1,6 @@
 //! Registry authentication as a client: parsing `WWW-Authenticate` challenges, token
 //! responses, and the per-(upstream, scope) token cache. Pure code with inline tests; the
-//! upstream actor (`upstream.rs`) does the HTTP.
+//! upstream actor (`upstream/`) does the HTTP.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

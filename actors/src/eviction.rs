@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::clock::Clock;
 use crate::error::MetaError;
-use crate::metadata::{DropIdleRepositories, EvictLru, MetaHandle, PinnedContent};
+use crate::metadata::{DropIdleRepositories, EvictLru, MetaHandle, PinnedContent, Unrecorded};
 use crate::settings::PinPattern;
 use crate::store::BlobStore;
 
@@ -266,9 +266,10 @@ pub async fn sweep(
             report.skipped_pinned += step.skipped_pinned;
             report.evicted_blobs += step.removed.len() as u64;
             report.evicted_bytes += step.removed.iter().map(|(_, s)| s).sum::<u64>();
-            // The records are gone: now the files (blocking file system calls).
+            // The records are gone: now the files (blocking file system calls). A blob
+            // fetched and recorded again since its record went keeps its new file.
+            let removed = meta.ask(Unrecorded(step.removed)).await??;
             let s = store.clone();
-            let removed = step.removed;
             let _ = tokio::task::spawn_blocking(move || {
                 for (d, _) in removed {
                     if let Err(e) = s.remove_blob(&d) {

@@ -50,8 +50,8 @@
 //! 3. Readers on HTTP workers → the published bytes minus the last one, from the
 //!    temporary file: `sendfile` from the page cache to the client socket (or read and
 //!    copied when the connection cannot).
-//! 4. Digest verified → the last byte released; the file fsynced, renamed to
-//!    `blobs/<alg>/<xx>/<hex>`, its directory fsynced; the fetcher records the blob
+//! 4. Digest verified → the file renamed to `blobs/<alg>/<xx>/<hex>`, then the last byte
+//!    released, then the file and its directory fsynced; the fetcher records the blob
 //!    (durably) and the fill leaves the table.
 //! 5. Later requests → the stored file, opened on the blocking pool, read into the page
 //!    cache there if it had left it, sent with `sendfile`.
@@ -67,7 +67,8 @@
 //! - The drop guard with explicit outcomes: `FillGuard` and [`blob::fill::FillOutcome`].
 //! - The last byte held back until the digest is verified: [`blob::fill::FillState::readable`].
 //! - A [`Digest`] that only parsing can make, and the only way to build a blob's path.
-//! - The atomic commit with fsync of the file and of its directory: [`store::BlobStore::commit`].
+//! - The atomic commit with fsync of the file and of its directory, and a record only
+//!   after both: [`store::BlobStore::place`], [`store::BlobStore::make_durable`].
 //! - The LRU index kept in step by two-tree transactions: `metadata::db`.
 //! - The Idle/Busy/Throttled sweeper: [`eviction`].
 //! - The error edge: `src/error.rs` in the daemon, [`EngineError`] here.

@@ -1,7 +1,7 @@
 //! Bringing the blob store and the metadata into agreement after a restart or a crash.
 //!
 //! Blobs are written so that a crash at any point leaves something this module can fix:
-//! a download goes to `tmp/`, is verified, fsynced and renamed into `blobs/`, and only then
+//! a download goes to `tmp/`, is verified, renamed into `blobs/`, fsynced, and only then
 //! recorded; eviction removes the record before the file. So after a crash there may be
 //! leftovers in `tmp/`, records whose file is gone, and files without a record.
 //!
@@ -19,8 +19,10 @@
 //!
 //! The database is reached through the metadata module only; files only through the store.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use crate::digest::Digest;
 use crate::error::{EngineError, MetaError};
@@ -77,39 +79,79 @@ pub fn reconcile(
     Ok((report, r.orphans))
 }
 
-/// The files found without a record and not re-checked yet. Cheap to clone; empty (and
-/// then never locked for long) once recovery is done.
+/// The files found without a record and not re-checked yet, and the re-checks that
+/// requests are running. Cheap to clone; empty (and then only ever read) once recovery is
+/// done.
 #[derive(Clone, Default)]
-pub struct Pending(Arc<Mutex<HashSet<Digest>>>);
+pub struct Pending(Arc<Mutex<HashMap<Digest, Check>>>);
+
+/// Where one unrecorded file is.
+enum Check {
+    Waiting,
+    /// A request is re-hashing it; the others wait for its answer (`true` = recorded).
+    Running(watch::Receiver<Option<bool>>),
+}
+
+/// What a request does about a pending file: nothing, check it, or wait for a check.
+enum Turn {
+    NotPending,
+    Run(watch::Sender<Option<bool>>),
+    Wait(watch::Receiver<Option<bool>>),
+}
 
 impl Pending {
     pub fn new(orphans: &[(Digest, u64)]) -> Pending {
         Pending(Arc::new(Mutex::new(
-            orphans.iter().map(|(d, _)| d.clone()).collect(),
+            orphans
+                .iter()
+                .map(|(d, _)| (d.clone(), Check::Waiting))
+                .collect(),
         )))
     }
 
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<Digest>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Check>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `digest` is still waiting to be re-checked.
+    /// Whether `digest` is still waiting to be re-checked (or being re-checked).
     pub fn contains(&self, digest: &Digest) -> bool {
-        let set = self.set();
-        !set.is_empty() && set.contains(digest)
+        let map = self.map();
+        !map.is_empty() && map.contains_key(digest)
+    }
+
+    fn turn(&self, digest: &Digest) -> Turn {
+        let mut map = self.map();
+        match map.get_mut(digest) {
+            None => Turn::NotPending,
+            Some(Check::Running(rx)) => Turn::Wait(rx.clone()),
+            Some(check) => {
+                let (tx, rx) = watch::channel(None);
+                *check = Check::Running(rx);
+                Turn::Run(tx)
+            }
+        }
     }
 
     /// Re-checked (kept or deleted): no longer pending.
     fn done<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) {
-        let mut set = self.set();
+        let mut map = self.map();
         for d in digests {
-            set.remove(d);
+            map.remove(d);
+        }
+    }
+
+    /// A re-check that could not finish: the file waits again.
+    fn retry(&self, digest: &Digest) {
+        if let Some(check) = self.map().get_mut(digest) {
+            *check = Check::Waiting;
         }
     }
 }
 
 /// Re-checks one unrecorded file now, if it is still [`Pending`]: `true` if it matched its
-/// name and is recorded.
+/// name and is recorded. One re-check per file: requests that come while it runs wait for
+/// its answer. (The background pass may hash the same file at the same moment; the record
+/// is written once, since recording skips a blob recorded meanwhile.)
 pub async fn recover_one(
     meta: &MetaHandle,
     store: &BlobStore,
@@ -117,11 +159,36 @@ pub async fn recover_one(
     digest: &Digest,
     now_ms: u64,
 ) -> Result<bool, EngineError> {
-    if !pending.contains(digest) {
-        return Ok(false);
+    let tx = match pending.turn(digest) {
+        Turn::NotPending => return Ok(false),
+        Turn::Wait(mut rx) => {
+            // The running check's answer; if it failed (its sender gone), not recovered.
+            let answer = rx.wait_for(Option::is_some).await.map(|a| *a);
+            return Ok(answer.ok().flatten().unwrap_or(false));
+        }
+        Turn::Run(tx) => tx,
+    };
+    let result = check_and_record(meta, store, digest, now_ms).await;
+    match &result {
+        Ok(recorded) => {
+            pending.done([digest]);
+            tx.send_replace(Some(*recorded));
+            if *recorded {
+                tracing::info!(digest = %digest, "unrecorded blob file re-checked on request");
+            }
+        }
+        Err(_) => pending.retry(digest),
     }
-    // The background pass may be checking it at the same moment: both hash it, and the
-    // record is written once (recording skips a blob recorded meanwhile).
+    result
+}
+
+/// Hashes one file (blocking pool) and records it if it matches its name; deletes it if not.
+async fn check_and_record(
+    meta: &MetaHandle,
+    store: &BlobStore,
+    digest: &Digest,
+    now_ms: u64,
+) -> Result<bool, EngineError> {
     let (s, d) = (store.clone(), digest.clone());
     let checked = tokio::task::spawn_blocking(move || {
         let size = s.open_blob(&d).ok().flatten().map(|(_, size)| size)?;
@@ -131,7 +198,6 @@ pub async fn recover_one(
     .await
     .map_err(|_| EngineError::Internal("a blocking task failed"))?;
     let Some(blob) = checked else {
-        pending.done([digest]);
         return Ok(false);
     };
     meta.ask(RecordRecovered {
@@ -139,8 +205,6 @@ pub async fn recover_one(
         now_ms,
     })
     .await??;
-    pending.done([digest]);
-    tracing::info!(digest = %digest, "unrecorded blob file re-checked on request");
     Ok(true)
 }
 
@@ -257,9 +321,12 @@ mod tests {
         let (_, orphans) = reconcile(&db, &store).unwrap();
         let meta = Metadata::start(db);
         let pending = Pending::new(&orphans);
-        assert!(recover_one(&meta, &store, &pending, &good, 5)
-            .await
-            .unwrap());
+        // Two requests at once: one hashes, the other waits for its answer.
+        let (first, second) = tokio::join!(
+            recover_one(&meta, &store, &pending, &good, 5),
+            recover_one(&meta, &store, &pending, &good, 5)
+        );
+        assert!(first.unwrap() && second.unwrap());
         assert_eq!(meta.usage(), 4);
         // Not pending any more: a second request does not hash it again, and the
         // background pass finds it recorded.

@@ -25,8 +25,10 @@ pub struct StorageSettings {
     /// Directory holding `blobs/` (content-addressed files), `tmp/` (downloads in progress)
     /// and `meta/` (the sled metadata database). Created if missing.
     pub root: PathBuf,
-    /// Disk budget for blobs ("50GiB", "500MB", or bytes). Unset: 80% of the filesystem's
-    /// free space at the first start, remembered in the metadata and printed at start-up.
+    /// Disk budget for blobs ("50GiB", "500MB", or bytes). Unset (or blank): 80% of the
+    /// filesystem's free space at the first start, remembered in the metadata and printed
+    /// at start-up.
+    #[serde(deserialize_with = "optional_size")]
     pub max_size: Option<ByteSize>,
     /// Eviction starts when the blobs stored pass this fraction of `max_size`...
     pub high_watermark: f64,
@@ -362,6 +364,47 @@ impl fmt::Debug for PinPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.source)
     }
+}
+
+/// An optional size in `bytesize`'s grammar ("50GiB", "1.5GiB", a number of bytes); a
+/// blank string is unset, so `PULLCACHE_STORAGE__MAX_SIZE=` clears a size the file sets.
+/// (bytesize's own `Deserialize` takes no blank; its `Serialize` prints the value.)
+fn optional_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    use serde::de::{Error, Unexpected, Visitor};
+    struct Size;
+    impl<'de> Visitor<'de> for Size {
+        type Value = Option<ByteSize>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size such as \"50GiB\", or a number of bytes")
+        }
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(ByteSize(v)))
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(|v| Some(ByteSize(v)))
+                .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v.trim() {
+                "" => Ok(None),
+                t => t
+                    .parse::<ByteSize>()
+                    .map(Some)
+                    .map_err(|e| E::custom(format!("invalid size {v:?}: {e} (e.g. \"50GiB\")"))),
+            }
+        }
+    }
+    d.deserialize_option(Size)
 }
 
 /// Serde for the typed values above: a string in the file, parsed by `FromStr` (the error

@@ -26,7 +26,9 @@ use crate::digest::Digest;
 use crate::error::{EngineError, Object};
 use crate::eviction::EvictionHandle;
 use crate::health::HealthHandle;
-use crate::metadata::{ForgetBlob, LinkBlobs, LookupBlob, MetaHandle, RecordBlob, TouchBlob};
+use crate::metadata::{
+    BlobLookup, ForgetBlob, LinkBlobs, LookupBlob, MetaHandle, RecordBlob, TouchBlob,
+};
 use crate::recovery::{self, Pending};
 use crate::settings::{UpstreamId, UpstreamNames};
 use crate::store::BlobStore;
@@ -202,25 +204,41 @@ enum Lookup {
     Missing,
 }
 
-async fn lookup_cached(
-    d: FetcherDeps,
+/// The blob's record, and whether `upstream` serves it. A file on disk since before a
+/// crash whose record was lost is re-checked first (see `recovery::recover_one`); if that
+/// fails, the blob is treated as not stored (it is fetched again).
+async fn lookup_record(
+    d: &FetcherDeps,
     upstream: UpstreamId,
-    repo: String,
-    digest: Digest,
-) -> Result<Lookup, EngineError> {
+    digest: &Digest,
+) -> Result<BlobLookup, EngineError> {
     let lookup = || {
         d.meta.ask(LookupBlob {
             upstream: Some(d.names.name(upstream).to_string()),
             digest: digest.clone(),
         })
     };
-    let mut l = lookup().await??;
-    if l.record.is_none()
-        && recovery::recover_one(&d.meta, &d.store, &d.pending, &digest, d.clock.now_ms()).await?
-    {
-        // On disk since before a crash, and its record was lost: re-checked just now.
-        l = lookup().await??;
+    let l = lookup().await??;
+    if l.record.is_some() || !d.pending.contains(digest) {
+        return Ok(l);
     }
+    match recovery::recover_one(&d.meta, &d.store, &d.pending, digest, d.clock.now_ms()).await {
+        Ok(true) => Ok(lookup().await??),
+        Ok(false) => Ok(l),
+        Err(e) => {
+            tracing::warn!(digest = %digest, error = %e, "re-checking an unrecorded blob file failed; fetching it again");
+            Ok(l)
+        }
+    }
+}
+
+async fn lookup_cached(
+    d: FetcherDeps,
+    upstream: UpstreamId,
+    repo: String,
+    digest: Digest,
+) -> Result<Lookup, EngineError> {
+    let l = lookup_record(&d, upstream, &digest).await?;
     let Some(recorded) = l.record.as_ref().map(|r| r.size) else {
         return Ok(Lookup::Missing);
     };
@@ -311,13 +329,7 @@ impl Handler<StatBlob> for BlobFetcher {
         let d = self.d.clone();
         Box::pin(async move {
             let name = d.names.name(m.upstream).to_string();
-            let l = d
-                .meta
-                .ask(LookupBlob {
-                    upstream: Some(name.clone()),
-                    digest: m.digest.clone(),
-                })
-                .await??;
+            let l = lookup_record(&d, m.upstream, &m.digest).await?;
             match l.record {
                 Some(rec) if l.linked => Ok(rec.size),
                 Some(rec) => {
@@ -340,7 +352,10 @@ impl Handler<FillFinished> for BlobFetcher {
 
     fn handle(&mut self, m: FillFinished, ctx: &mut Self::Context) {
         let FillOutcome::Stored { size } = m.outcome else {
-            if m.outcome == FillOutcome::DiskFull {
+            if matches!(
+                m.outcome,
+                FillOutcome::DiskFull | FillOutcome::NotStored { disk_full: true }
+            ) {
                 self.d.eviction.nudge(true);
             }
             self.finish(&m);

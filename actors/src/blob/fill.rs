@@ -126,9 +126,13 @@ pub enum FillOutcome {
     Stored {
         size: u64,
     },
-    /// Verified and served, but it could not be stored (logged).
-    NotStored,
-    /// The disk was full: nothing kept; the sweeper should make room now.
+    /// Verified and served, but it could not be stored (logged); `disk_full`: because the
+    /// disk was full (the sweeper should make room now).
+    NotStored {
+        disk_full: bool,
+    },
+    /// The disk was full before the blob was written: clients are served without storing;
+    /// the sweeper should make room now.
     DiskFull,
     Failed,
     TimedOut,
@@ -139,7 +143,7 @@ impl FillOutcome {
     /// The name it is counted under.
     pub fn name(self) -> &'static str {
         match self {
-            FillOutcome::Stored { .. } | FillOutcome::NotStored => "done",
+            FillOutcome::Stored { .. } | FillOutcome::NotStored { .. } => "done",
             FillOutcome::DiskFull | FillOutcome::Failed => "failed",
             FillOutcome::TimedOut => "timed_out",
             FillOutcome::Abandoned => "abandoned",
@@ -415,21 +419,20 @@ impl FillWriter {
             size: written,
         });
         g.finished = true;
-        let stored = placed.and_then(|dest| {
-            self.store.make_durable(&temp.file, &dest).inspect_err(|_| {
-                // Not durable, not to be recorded: not in the store either.
-                let _ = std::fs::remove_file(&dest);
-            })
-        });
+        // Not durable: not recorded. The file (verified bytes) stays where it is: another
+        // upstream's fill of the same digest may have placed and recorded it meanwhile. If
+        // not, the next request downloads it again and the next start re-hashes it.
+        let stored = placed.and_then(|dest| self.store.make_durable(&temp.file, &dest));
         g.outcome = match stored {
             Ok(()) => FillOutcome::Stored { size: written },
-            Err(e) if store::is_disk_full(&e) => {
-                self.disk.mark_full(self.clock.now_ms(), &e.to_string());
-                FillOutcome::DiskFull
-            }
             Err(e) => {
-                tracing::error!(error = %e, digest = %digest, "could not store a verified blob; served without caching");
-                FillOutcome::NotStored
+                let disk_full = store::is_disk_full(&e);
+                if disk_full {
+                    self.disk.mark_full(self.clock.now_ms(), &e.to_string());
+                } else {
+                    tracing::error!(error = %e, digest = %digest, "could not store a verified blob; served without caching");
+                }
+                FillOutcome::NotStored { disk_full }
             }
         };
     }
