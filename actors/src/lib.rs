@@ -204,13 +204,12 @@ impl Engine {
         );
         let max_size = Self::disk_budget(&settings, &db, &store)?;
         let meta = Metadata::start(db);
-        let pending = recovery::Pending::new(&orphans);
-        if !orphans.is_empty() {
+        let pending = recovery::Pending::new(orphans);
+        if !pending.is_empty() {
             let task = recovery::recover_orphans(
                 meta.clone(),
                 store.clone(),
                 pending.clone(),
-                orphans,
                 clock.now_ms(),
             );
             actix_rt::spawn(async move {
