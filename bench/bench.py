@@ -393,7 +393,8 @@ def push_cold_manifests(port, img, n):
     each with its own annotation: n manifests no cache has seen. Returns {tag: digest}."""
     repo = "library/cold"
     for d in (img["layer"]["digest"], img["config_digest"]):
-        st, _, body = http_post(port, f"/v2/{repo}/blobs/uploads/?mount={d}&from={img['repo']}")
+        st, _, body = http_get(port, f"/v2/{repo}/blobs/uploads/?mount={d}&from={img['repo']}",
+                               method="POST", timeout=60)
         if st != 201:
             raise RuntimeError(f"mount of {d} into {repo}: HTTP {st} {body[:200]!r}")
     base = json.loads(img["manifest"])
@@ -406,17 +407,6 @@ def push_cold_manifests(port, img, n):
             raise RuntimeError(f"manifest push {repo}:t{i}: HTTP {st} {b[:200]!r}")
         out[f"t{i}"] = "sha256:" + hashlib.sha256(body).hexdigest()
     return out
-
-
-def http_post(port, path):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        c.request("POST", path, headers={"Content-Length": "0"})
-        r = c.getresponse()
-        b = r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, b
-    finally:
-        c.close()
 
 
 def http_get_put(port, path, body):

@@ -434,18 +434,15 @@ mod tests {
         .unwrap();
         let json = serde_json::to_value(Config::default()).unwrap();
         for (section, v) in json.as_object().unwrap() {
-            if section == "upstreams" {
-                continue;
-            }
-            for k in v.as_object().unwrap().keys() {
-                let key = format!("{section}.{k}");
-                out.insert(key.clone(), value_of(&Config::default(), &key));
+            if section != "upstreams" {
+                for (k, value) in v.as_object().unwrap() {
+                    out.insert(format!("{section}.{k}"), value.clone());
+                }
             }
         }
         let up = serde_json::to_value(&one.upstreams[0]).unwrap();
-        for k in up.as_object().unwrap().keys() {
-            let key = format!("upstreams[].{k}");
-            out.insert(key.clone(), value_of(&one, &key));
+        for (k, value) in up.as_object().unwrap() {
+            out.insert(format!("upstreams[].{k}"), value.clone());
         }
         out
     }

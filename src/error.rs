@@ -6,7 +6,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use oci_spec::distribution::ErrorCode;
 use pullcache_actors::reference::ReferenceError;
-use pullcache_actors::{EngineError, MetaError, UpstreamError};
+use pullcache_actors::{EngineError, UpstreamError};
 
 /// Error codes: the OCI spec's, plus the Distribution extensions clients know.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,11 +136,6 @@ impl From<EngineError> for ApiError {
             EngineError::DigestMismatch { .. } => {
                 tracing::error!(error = %msg, "refusing upstream content");
                 ApiError::oci(StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid, msg)
-            }
-            // The metadata actor stopped: the engine is unavailable, as for any actor.
-            EngineError::Metadata(MetaError::Gone(_)) => {
-                tracing::error!(error = %msg, "engine unavailable");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, msg)
             }
             EngineError::Storage { .. } | EngineError::Metadata(_) | EngineError::Internal(_) => {
                 // The detail (with its source chain) goes to the log, not to the client.

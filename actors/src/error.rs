@@ -96,7 +96,7 @@ pub enum EngineError {
         source: Arc<io::Error>,
     },
     #[error(transparent)]
-    Metadata(#[from] MetaError),
+    Metadata(MetaError),
     #[error("cache engine unavailable: {0}")]
     Unavailable(#[from] actix::MailboxError),
     /// A broken invariant inside pullcache (a thread or task that died).
@@ -172,6 +172,17 @@ impl EngineError {
     }
 }
 
+impl From<MetaError> for EngineError {
+    /// A stopped metadata actor is an unavailable engine, as any stopped actor is; the
+    /// rest are metadata errors.
+    fn from(e: MetaError) -> Self {
+        match e {
+            MetaError::Gone(mailbox) => EngineError::Unavailable(mailbox),
+            other => EngineError::Metadata(other),
+        }
+    }
+}
+
 /// Errors of the metadata store.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MetaError {
@@ -187,5 +198,18 @@ pub enum MetaError {
 impl From<sled::Error> for MetaError {
     fn from(e: sled::Error) -> Self {
         MetaError::Db(Arc::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_metadata_actor_is_an_unavailable_engine() {
+        let e = EngineError::from(MetaError::Gone(actix::MailboxError::Closed));
+        assert!(matches!(e, EngineError::Unavailable(_)), "{e:?}");
+        let e = EngineError::from(MetaError::Corrupt("x".into()));
+        assert!(matches!(e, EngineError::Metadata(_)), "{e:?}");
     }
 }

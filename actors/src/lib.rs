@@ -187,7 +187,7 @@ impl Engine {
             root: root.clone(),
             source,
         };
-        let db = metadata::open(&root).map_err(meta_err)?;
+        let db = metadata::Db::open(&root).map_err(meta_err)?;
         let (report, orphans) =
             recovery::reconcile(&db, &store).map_err(|source| StartError::Recovery {
                 root: root.clone(),
@@ -227,7 +227,7 @@ impl Engine {
             });
         }
         let names = UpstreamNames::new(&settings.upstreams);
-        let upstreams = Upstreams::start(settings.upstreams.clone(), clock.clone());
+        let upstreams = Upstreams::start(settings.upstreams.clone(), names.clone(), clock.clone());
         let health = health::Health::start(
             upstreams.clone(),
             &names,
@@ -273,7 +273,7 @@ impl Engine {
             meta.clone(),
             upstreams,
             health.clone(),
-            manifest_resolver::Policy::new(&settings),
+            manifest_resolver::Policy::new(&settings, names.clone()),
             clock.clone(),
         );
         Ok(Engine {

@@ -78,9 +78,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn new(settings: &EngineSettings) -> Policy {
+    /// `names`: the names of `settings.upstreams`, in order.
+    pub fn new(settings: &EngineSettings, names: UpstreamNames) -> Policy {
         Policy {
-            names: UpstreamNames::new(&settings.upstreams),
+            names,
             tag_ttl: settings
                 .upstreams
                 .iter()

@@ -245,7 +245,7 @@ pub async fn recover_orphans(
     store: BlobStore,
     pending: Pending,
     now_ms: u64,
-) -> Result<ReconcileReport, MetaError> {
+) -> Result<ReconcileReport, EngineError> {
     let mut report = ReconcileReport::default();
     loop {
         // Re-checked on request meanwhile: gone from the list. Fetched again meanwhile:
@@ -259,7 +259,7 @@ pub async fn recover_orphans(
         let s = store.clone();
         let (good, removed) = tokio::task::spawn_blocking(move || verify_batch(&s, batch))
             .await
-            .map_err(|e| MetaError::Corrupt(format!("the recovery task failed: {e}")))?;
+            .map_err(|_| EngineError::Internal("a blocking task failed"))?;
         report.files_removed += removed;
         let (count, bytes) = meta
             .ask(RecordRecovered {

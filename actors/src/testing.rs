@@ -2,7 +2,7 @@
 //! metadata database in a temporary directory.
 
 use crate::digest::{Algorithm, Digest};
-use crate::metadata::{self, Db};
+use crate::metadata::Db;
 use crate::store::BlobStore;
 
 pub fn sha256(b: &[u8]) -> Digest {
@@ -21,7 +21,7 @@ impl Fixture {
     pub fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
-        let db = metadata::open(dir.path()).unwrap();
+        let db = Db::open(dir.path()).unwrap();
         Fixture {
             _dir: dir,
             store,

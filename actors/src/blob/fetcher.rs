@@ -86,7 +86,9 @@ pub struct FetcherDeps {
 pub struct BlobFetcher {
     inflight: HashMap<FillKey, InFlight>,
     next_id: u64,
-    d: FetcherDeps,
+    /// Shared with every lookup's future: one reference count per request, not a clone
+    /// of each handle.
+    d: Arc<FetcherDeps>,
     outcomes: HashMap<&'static str, u64>,
 }
 
@@ -99,7 +101,7 @@ impl BlobFetcher {
         BlobFetcher {
             inflight: HashMap::new(),
             next_id: 0,
-            d: deps,
+            d: Arc::new(deps),
             outcomes: HashMap::new(),
         }
         .start()
@@ -233,7 +235,7 @@ async fn lookup_record(
 }
 
 async fn lookup_cached(
-    d: FetcherDeps,
+    d: Arc<FetcherDeps>,
     upstream: UpstreamId,
     repo: String,
     digest: Digest,
@@ -242,8 +244,8 @@ async fn lookup_cached(
     let Some(recorded) = l.record.as_ref().map(|r| r.size) else {
         return Ok(Lookup::Missing);
     };
-    let (store, dg) = (d.store.clone(), digest.clone());
-    let opened = tokio::task::spawn_blocking(move || store.open_blob(&dg))
+    let (dd, dg) = (d.clone(), digest.clone());
+    let opened = tokio::task::spawn_blocking(move || dd.store.open_blob(&dg))
         .await
         .map_err(|_| EngineError::Internal("a blocking task failed"))?
         .map_err(|e| EngineError::storage("opening a stored blob", e))?;
@@ -253,8 +255,8 @@ async fn lookup_cached(
             // Missing, or its length disagrees with the record (damaged): never serve it.
             tracing::warn!(digest = %digest, on_disk = ?other.as_ref().map(|o| o.1), recorded, "stored blob missing or damaged; fetching again");
             if other.is_some() {
-                let (s, dg) = (d.store.clone(), digest.clone());
-                let _ = tokio::task::spawn_blocking(move || s.remove_blob(&dg)).await;
+                let (dd, dg) = (d.clone(), digest.clone());
+                let _ = tokio::task::spawn_blocking(move || dd.store.remove_blob(&dg)).await;
             }
             d.meta.ask(ForgetBlob { digest }).await??;
             return Ok(Lookup::Missing);

@@ -129,7 +129,7 @@ pub struct Db {
     access: sled::Tree,
     settings: sled::Tree,
     /// Bytes of the blobs recorded: changed with every record and removal, read by anyone
-    /// through [`super::Usage`] (an atomic, so reading it needs no message).
+    /// through [`super::MetaHandle::usage`] (an atomic, so reading it needs no message).
     usage: Arc<AtomicU64>,
 }
 

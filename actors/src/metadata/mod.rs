@@ -18,7 +18,6 @@
 mod db;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -45,25 +44,10 @@ impl Actor for Metadata {
 impl Metadata {
     /// Hands the database to the actor: from now on it is reached only by messages.
     pub fn start(db: Db) -> MetaHandle {
-        let usage = Usage(db.usage_counter());
+        let usage = db.usage_counter();
         let addr = SyncArbiter::start(THREADS, move || Metadata { db: db.share() });
         MetaHandle { addr, usage }
     }
-}
-
-/// Bytes of blobs stored, kept exactly by every record change; readable anywhere.
-#[derive(Clone, Debug)]
-pub struct Usage(Arc<AtomicU64>);
-
-impl Usage {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Opens the database under `root` (start-up; see the module docs).
-pub fn open(root: &Path) -> Result<Db, MetaError> {
-    Db::open(root)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -323,7 +307,8 @@ handlers! {
 #[derive(Clone)]
 pub struct MetaHandle {
     addr: Addr<Metadata>,
-    usage: Usage,
+    /// The database's usage counter (see [`MetaHandle::usage`]).
+    usage: Arc<AtomicU64>,
 }
 
 impl MetaHandle {
@@ -348,7 +333,7 @@ impl MetaHandle {
 
     /// Bytes of blobs stored, exactly (no message: an atomic the database keeps).
     pub fn usage(&self) -> u64 {
-        self.usage.get()
+        self.usage.load(Ordering::SeqCst)
     }
 
     /// Everything written so far, on disk.

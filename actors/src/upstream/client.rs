@@ -29,7 +29,6 @@ mod requests;
 /// borrows are never held across an `.await`.
 pub(super) struct Conn {
     settings: UpstreamSettings,
-    base: Url,
     client: awc::Client,
     challenge: RefCell<Option<Challenge>>,
     tokens: RefCell<TokenCache>,
@@ -59,7 +58,6 @@ impl Conn {
             ))
             .finish();
         Conn {
-            base: settings.url.as_url().clone(),
             settings,
             client,
             challenge: RefCell::new(None),
@@ -139,14 +137,20 @@ impl Conn {
         !self.settings.username.is_empty() || !self.settings.password.is_empty()
     }
 
+    /// The registry's base URL (from the configuration, parsed once).
+    fn base(&self) -> &Url {
+        self.settings.url.as_url()
+    }
+
     fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base.as_str().trim_end_matches('/'), path)
+        self.settings.url.join(path)
     }
 
     fn same_origin(&self, url: &Url) -> bool {
-        url.scheme() == self.base.scheme()
-            && url.host_str() == self.base.host_str()
-            && url.port_or_known_default() == self.base.port_or_known_default()
+        let base = self.base();
+        url.scheme() == base.scheme()
+            && url.host_str() == base.host_str()
+            && url.port_or_known_default() == base.port_or_known_default()
     }
 
     /// Sends `req` (see [`Conn::send`]); any answer but 200 is an error, with the
@@ -261,10 +265,10 @@ impl Conn {
         let mut url =
             Url::parse(realm).map_err(|_| self.protocol("token realm is not a URL".into()))?;
         let realm_host = url.host_str().unwrap_or("").to_string();
-        if self.base.scheme() == "https" && url.scheme() != "https" {
+        if self.base().scheme() == "https" && url.scheme() != "https" {
             return Err(self.protocol("token realm is not https for an https registry; refusing to send credentials in clear text".into()));
         }
-        if !auth::realm_allowed(self.base.host_str().unwrap_or(""), &realm_host) {
+        if !auth::realm_allowed(self.base().host_str().unwrap_or(""), &realm_host) {
             return Err(self.protocol(format!("token realm host {realm_host:?} is not the registry's domain; refusing to send credentials there")));
         }
         {

@@ -103,8 +103,12 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 impl Upstreams {
     /// Starts the actor on a new arbiter (thread). The returned handle is `Send + Clone`.
-    pub fn start(settings: Vec<UpstreamSettings>, clock: Clock) -> UpstreamHandle {
-        let names = UpstreamNames::new(&settings);
+    /// `names` are the names of `settings`, in the same order.
+    pub fn start(
+        settings: Vec<UpstreamSettings>,
+        names: UpstreamNames,
+        clock: Clock,
+    ) -> UpstreamHandle {
         let arbiter = Arbiter::new();
         let addr = Upstreams::start_in_arbiter(&arbiter.handle(), move |_| {
             let tls = tls_config();
