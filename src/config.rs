@@ -28,6 +28,8 @@ pub struct Config {
     pub cache: CacheSettings,
     pub health: HealthSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
+    pub telemetry: TelemetrySettings,
     /// The registries mirrored. Default: Docker Hub, as the default upstream.
     pub upstreams: Vec<UpstreamSettings>,
 }
@@ -40,6 +42,8 @@ impl Default for Config {
             cache: CacheSettings::default(),
             health: HealthSettings::default(),
             log: LogSettings::default(),
+            metrics: MetricsSettings::default(),
+            telemetry: TelemetrySettings::default(),
             upstreams: vec![UpstreamSettings::docker_hub()],
         }
     }
@@ -87,6 +91,48 @@ impl Default for LogSettings {
         LogSettings {
             level: "info".into(),
             format: "text".into(),
+        }
+    }
+}
+
+/// `[metrics]`: the second listener, for Prometheus and probes (kept off the registry port,
+/// as Distribution keeps its metrics on its debug port).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address and port of `/metrics` and `/healthz`; `""` turns the listener off.
+    pub listen: String,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: "127.0.0.1:5001".into(),
+        }
+    }
+}
+
+/// `[telemetry]`: OpenTelemetry traces, exported with OTLP over HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP endpoint (`http://127.0.0.1:4318`; traces go to `/v1/traces`). Empty:
+    /// no export, unless `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.
+    pub otlp_endpoint: String,
+    /// The `service.name` of every span (`OTEL_SERVICE_NAME` overrides).
+    pub service_name: String,
+    /// The fraction of new traces recorded, 0.0 to 1.0; a request carrying a `traceparent`
+    /// follows its caller's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            otlp_endpoint: String::new(),
+            service_name: "pullcache".into(),
+            sample_ratio: 1.0,
         }
     }
 }
@@ -181,6 +227,40 @@ impl Config {
             || self.health.timeout.is_zero()
         {
             return err("health: interval, timeout and threshold must be greater than zero".into());
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return err(format!(
+                "metrics.listen: {:?} is not an address:port (e.g. \"127.0.0.1:5001\"), or \"\" for no metrics listener",
+                self.metrics.listen
+            ));
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen == self.server.listen {
+            return err(format!(
+                "metrics.listen: {:?} is also server.listen",
+                self.metrics.listen
+            ));
+        }
+        let t = &self.telemetry;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return err(format!(
+                "telemetry.sample_ratio: {} must be between 0.0 and 1.0",
+                t.sample_ratio
+            ));
+        }
+        if !t.otlp_endpoint.is_empty()
+            && !url::Url::parse(&t.otlp_endpoint)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        {
+            return err(format!(
+                "telemetry.otlp_endpoint: {:?} is not an http(s) URL such as \"http://127.0.0.1:4318\"",
+                t.otlp_endpoint
+            ));
+        }
+        if t.service_name.is_empty() {
+            return err("telemetry.service_name: must not be empty".into());
+        }
+        if let Err(e) = crate::telemetry::check_level(&self.log.level) {
+            return err(format!("log.level: {e}"));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return err(format!(

@@ -7,20 +7,20 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_http::{HttpService, Protocol};
 use actix_server::Server;
 use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
-use actix_web::dev::{AppConfig, Service};
+use actix_web::dev::AppConfig;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App};
-use futures_util::FutureExt;
-use pullcache_actors::{Clock, Engine};
+use pullcache_actors::{Clock, Engine, UpstreamNames};
 
 use crate::config::Config;
 use crate::routes::{self, AppState, Router};
+use crate::telemetry::access::{Access, AccessShared, HttpMetrics};
 use crate::zerocopy::{ConnIo, ZeroCopy};
 
 /// Pending connections the kernel queues for us (actix-web's default).
@@ -30,6 +30,8 @@ const BACKLOG: i32 = 1024;
 pub struct Running {
     pub server: Server,
     pub addrs: Vec<SocketAddr>,
+    /// Where `/metrics` is served (none when `metrics.listen` is empty).
+    pub metrics_addrs: Vec<SocketAddr>,
     pub engine: Engine,
     /// Blob bodies sent with `sendfile`: bytes sent, whether it still works.
     pub zero_copy: Arc<ZeroCopy>,
@@ -43,6 +45,12 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
         engine: engine.clone(),
         router: Router::new(&config.upstreams),
     });
+    let access = Arc::new(AccessShared {
+        http: HttpMetrics::new(engine.metrics()),
+        engine: engine.metrics().clone(),
+        names: UpstreamNames::new(&config.upstreams),
+    });
+    let access_app = access.clone();
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -53,23 +61,7 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
         App::new()
             .app_data(state.clone())
             .wrap(DefaultHeaders::new().add(("Docker-Distribution-API-Version", "registry/2.0")))
-            .wrap_fn(|req, srv| {
-                let start = Instant::now();
-                let method = req.method().clone();
-                let path = req.uri().path().to_string();
-                srv.call(req).map(move |res| {
-                    if let Ok(r) = &res {
-                        let status = r.status().as_u16();
-                        let ms = start.elapsed().as_secs_f64() * 1000.0;
-                        if status >= 500 {
-                            tracing::warn!(%method, %path, status, ms, "request");
-                        } else {
-                            tracing::info!(%method, %path, status, ms, "request");
-                        }
-                    }
-                    res
-                })
-            })
+            .wrap(Access(access_app.clone()))
             .configure(routes::configure)
     };
     let listen = &config.server.listen;
@@ -83,7 +75,7 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
     }
     let shutdown = builder.graceful_shutdown_signal();
     let zero_copy = config.server.zero_copy && cfg!(target_os = "linux");
-    let shared = Arc::new(ZeroCopy::default());
+    let shared = Arc::new(ZeroCopy::new(engine.metrics().zero_copy_bytes.clone()));
     let mut addrs = Vec::new();
     for lst in listeners {
         let addr = lst
@@ -120,6 +112,12 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                         // sendfile path: do not let Nagle hold the second one back.
                         let _ = io.set_nodelay(true);
                         let peer = io.peer_addr().ok();
+                        if tls_handshake(&io).await {
+                            crate::telemetry::tls_on_plain_port(peer);
+                            return Err(actix_http::error::DispatchError::Io(
+                                std::io::ErrorKind::InvalidData.into(),
+                            ));
+                        }
                         Ok::<_, actix_http::error::DispatchError>((
                             ConnIo::new(io, counter),
                             Protocol::Http1,
@@ -131,12 +129,68 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
             })
             .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
     }
+    let metrics_addrs = if config.metrics.listen.is_empty() {
+        Vec::new()
+    } else {
+        let (b, addrs) = metrics_listener(builder, config, &engine, access)?;
+        builder = b;
+        addrs
+    };
     Ok(Running {
         server: builder.run(),
         addrs,
+        metrics_addrs,
         engine,
         zero_copy: shared,
     })
+}
+
+/// Whether a new connection starts with a TLS handshake (a client trying https on this
+/// plain-HTTP port). Waits for the first bytes at most as long as a request may take to
+/// arrive; a client that sends nothing is left to the HTTP service's own timeout.
+async fn tls_handshake(io: &TcpStream) -> bool {
+    let mut first = [0u8; 3];
+    match tokio::time::timeout(Duration::from_secs(5), io.peek(&mut first)).await {
+        Ok(Ok(n)) => crate::telemetry::looks_like_tls(&first[..n]),
+        _ => false,
+    }
+}
+
+/// Adds the metrics listener (`metrics.listen`): `/metrics` and `/healthz`, plain HTTP on
+/// actix-http's own service. Its own service factory, so that TLS with client certificates
+/// can be put in front of it alone.
+fn metrics_listener(
+    mut builder: actix_server::ServerBuilder,
+    config: &Config,
+    engine: &Engine,
+    access: Arc<AccessShared>,
+) -> Result<(actix_server::ServerBuilder, Vec<SocketAddr>), String> {
+    let listen = &config.metrics.listen;
+    let listeners =
+        bind(listen).map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))?;
+    let mut addrs = Vec::new();
+    for lst in listeners {
+        let addr = lst
+            .local_addr()
+            .map_err(|e| format!("metrics.listen: {e}"))?;
+        addrs.push(addr);
+        let (engine, access) = (engine.clone(), access.clone());
+        builder = builder
+            .listen(format!("pullcache-metrics-{addr}"), lst, move || {
+                let (engine, access) = (engine.clone(), access.clone());
+                let app = App::new()
+                    .app_data(web::Data::new(engine))
+                    .wrap(Access(access))
+                    .configure(routes::base::configure_metrics);
+                HttpService::build()
+                    .client_request_timeout(Duration::from_secs(5))
+                    .local_addr(addr)
+                    .h1(map_config(app, |_| AppConfig::default()))
+                    .tcp()
+            })
+            .map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))?;
+    }
+    Ok((builder, addrs))
 }
 
 /// Listening sockets on every address `listen` resolves to that can be bound (like

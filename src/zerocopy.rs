@@ -22,12 +22,14 @@
 //! region went out) switches the process to copying: that body goes on with read bytes and
 //! later bodies are copied from the start.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus::IntCounter;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -60,6 +62,7 @@ impl ConnIo {
             slot: Rc::new(SendSlot {
                 job: RefCell::new(None),
                 shared,
+                total: Cell::new(0),
             }),
             corked: false,
         }
@@ -112,7 +115,8 @@ impl ConnIo {
                 }
                 Ok(w) => {
                     sent += w;
-                    self.slot.shared.sent.fetch_add(w as u64, Ordering::Relaxed);
+                    self.slot.shared.sent.inc_by(w as u64);
+                    self.slot.total.set(self.slot.total.get() + w as u64);
                     if let Some(j) = self.slot.job.borrow_mut().as_mut() {
                         j.offset += w as u64;
                         j.remaining -= w;
@@ -258,10 +262,9 @@ struct Job {
 }
 
 /// A server's zero-copy state, shared by its connections.
-#[derive(Default)]
 pub struct ZeroCopy {
-    /// Bytes sent with `sendfile`.
-    sent: AtomicU64,
+    /// Bytes sent with `sendfile` (`pullcache_zero_copy_bytes_total`).
+    sent: IntCounter,
     /// Set once `sendfile` has been refused: every later body is copied.
     unsupported: AtomicBool,
     /// Test hook: act as if the filesystem refused `sendfile`.
@@ -270,9 +273,19 @@ pub struct ZeroCopy {
 }
 
 impl ZeroCopy {
+    /// `sent` counts the bytes sent with `sendfile`.
+    pub fn new(sent: IntCounter) -> ZeroCopy {
+        ZeroCopy {
+            sent,
+            unsupported: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            refuse: AtomicBool::new(false),
+        }
+    }
+
     /// Bytes sent with `sendfile` so far.
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.sent.get()
     }
 
     /// Whether blob bodies are still sent with `sendfile`.
@@ -300,6 +313,9 @@ fn refused(e: &io::Error) -> bool {
 pub struct SendSlot {
     job: RefCell<Option<Job>>,
     shared: Arc<ZeroCopy>,
+    /// Bytes this connection has sent with `sendfile` (a response's share is the change
+    /// while it was sent: the access log's byte count).
+    total: Cell<u64>,
 }
 
 /// A handle on a connection's [`SendSlot`], stored in the connection data.
@@ -314,6 +330,11 @@ impl SlotRef {
     /// Whether this server still sends blob bodies with `sendfile`.
     pub fn available(&self) -> bool {
         self.shared().available()
+    }
+
+    /// Bytes this connection has sent with `sendfile` so far.
+    pub fn total(&self) -> u64 {
+        self.0.total.get()
     }
 
     /// Queues a region and returns the marker the body must yield for it.

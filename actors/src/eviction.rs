@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::clock::Clock;
 use crate::error::MetaError;
 use crate::metadata::{DropIdleRepositories, EvictLru, MetaHandle, PinnedContent, Unrecorded};
+use crate::metrics::{EvictReason, Metrics};
 use crate::settings::PinPattern;
 use crate::store::BlobStore;
 
@@ -87,6 +88,9 @@ pub struct Eviction {
     failures: u32,
     totals: (u64, u64, u64),
     last_error: Option<String>,
+    /// A write hit ENOSPC since the last sweep started (its evictions count as `disk_full`).
+    urgent: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Eviction {
@@ -95,6 +99,7 @@ impl Eviction {
         store: BlobStore,
         budget: Budget,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> EvictionHandle {
         let addr = Eviction {
             meta,
@@ -106,6 +111,8 @@ impl Eviction {
             failures: 0,
             totals: (0, 0, 0),
             last_error: None,
+            urgent: false,
+            metrics,
         }
         .start();
         EvictionHandle { addr }
@@ -124,6 +131,11 @@ impl Eviction {
             return;
         }
         self.state = SweepState::Busy;
+        let reason = if std::mem::take(&mut self.urgent) {
+            EvictReason::DiskFull
+        } else {
+            EvictReason::HighWatermark
+        };
         let (meta, store, budget, now) = (
             self.meta.clone(),
             self.store.clone(),
@@ -131,7 +143,7 @@ impl Eviction {
             self.clock.now_ms(),
         );
         let task = async move { sweep(&meta, &store, &budget, now, full).await };
-        ctx.spawn(task.into_actor(self).map(|res, act, ctx| {
+        ctx.spawn(task.into_actor(self).map(move |res, act, ctx| {
             act.state = SweepState::Idle;
             match res {
                 Ok(r) => {
@@ -140,6 +152,8 @@ impl Eviction {
                     act.totals.0 += r.evicted_blobs;
                     act.totals.1 += r.evicted_bytes;
                     act.totals.2 += 1;
+                    act.metrics
+                        .evicted(reason, r.evicted_blobs, r.evicted_bytes);
                     if r.evicted_blobs > 0 || r.repositories_dropped > 0 {
                         tracing::info!(
                             evicted_blobs = r.evicted_blobs,
@@ -198,8 +212,11 @@ pub struct Sweep {
 impl Handler<Sweep> for Eviction {
     type Result = ();
     fn handle(&mut self, m: Sweep, ctx: &mut Self::Context) {
-        if m.urgent && self.state == SweepState::Throttled {
-            self.state = SweepState::Idle;
+        if m.urgent {
+            self.urgent = true;
+            if self.state == SweepState::Throttled {
+                self.state = SweepState::Idle;
+            }
         }
         self.run_sweep(ctx, false);
     }
@@ -334,7 +351,7 @@ mod tests {
             fx.db.record_blob(dg, 100, 1000 * (i as u64 + 1)).unwrap();
         }
         let store = fx.store.clone();
-        let meta = Metadata::start(fx.db);
+        let meta = Metadata::start(fx.db, crate::metrics::Mailbox::detached());
         // Pin blob 0 (the oldest) through a pinned tag's manifest.
         let m = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":100}},"layers":[]}}"#,

@@ -85,6 +85,7 @@ pub mod eviction;
 pub mod health;
 pub mod manifest_resolver;
 pub mod metadata;
+pub mod metrics;
 pub mod oci;
 pub mod recovery;
 pub mod reference;
@@ -115,6 +116,8 @@ pub use settings::{
     UpstreamSettings,
 };
 
+pub use metrics::{CacheOutcome, Kind, Metrics};
+
 use metadata::{ListRepositories, LookupBlob, MetaHandle, Metadata};
 use store::BlobStore;
 use upstream::Upstreams;
@@ -130,6 +133,7 @@ pub struct Engine {
     store: BlobStore,
     names: UpstreamNames,
     clock: Clock,
+    metrics: Arc<Metrics>,
 }
 
 /// What `/readyz` reports.
@@ -203,7 +207,12 @@ impl Engine {
             "store reconciled with metadata"
         );
         let max_size = Self::disk_budget(&settings, &db, &store)?;
-        let meta = Metadata::start(db);
+        let names = UpstreamNames::new(&settings.upstreams);
+        let metrics = Metrics::new(&names);
+        metrics
+            .storage_limit
+            .set(max_size.min(i64::MAX as u64) as i64);
+        let meta = Metadata::start(db, metrics.mailbox(metrics::ActorName::Metadata));
         let pending = recovery::Pending::new(orphans);
         if !pending.is_empty() {
             let task = recovery::recover_orphans(
@@ -226,8 +235,12 @@ impl Engine {
                 }
             });
         }
-        let names = UpstreamNames::new(&settings.upstreams);
-        let upstreams = Upstreams::start(settings.upstreams.clone(), names.clone(), clock.clone());
+        let upstreams = Upstreams::start(
+            settings.upstreams.clone(),
+            names.clone(),
+            clock.clone(),
+            metrics.clone(),
+        );
         let health = health::Health::start(
             upstreams.clone(),
             &names,
@@ -246,6 +259,7 @@ impl Engine {
                 interval: settings.storage.sweep_interval,
             },
             clock.clone(),
+            metrics.clone(),
         );
         // Readers give up on a fill that shows no progress for longer than any upstream's
         // timeouts would allow.
@@ -268,6 +282,7 @@ impl Engine {
             disk: Arc::new(blob::DiskState::default()),
             read_in: Arc::new(AtomicU64::new(0)),
             pending,
+            metrics: metrics.clone(),
         });
         let manifests = manifest_resolver::ManifestResolver::start(
             meta.clone(),
@@ -275,6 +290,7 @@ impl Engine {
             health.clone(),
             manifest_resolver::Policy::new(&settings, names.clone()),
             clock.clone(),
+            metrics.clone(),
         );
         Ok(Engine {
             manifests,
@@ -285,7 +301,26 @@ impl Engine {
             store,
             names,
             clock,
+            metrics,
         })
+    }
+
+    /// The engine's metrics (the HTTP layer registers its own in the same registry).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Brings the gauges whose values live elsewhere up to date (called when Prometheus
+    /// scrapes): bytes stored, each upstream's health.
+    pub fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        m.storage_bytes
+            .set(self.meta.usage().min(i64::MAX as u64) as i64);
+        for (id, h) in self.names.ids().zip(self.health.snapshot()) {
+            m.upstream(id)
+                .up
+                .set(i64::from(h.state != health::HealthState::Down));
+        }
     }
 
     /// `storage.max_size`, or 80% of the free space at the first start (remembered).

@@ -30,6 +30,7 @@ use crate::metadata::{
     DeleteTag, GetManifest, GetTag, ListTags, ManifestRecord, MetaHandle, PutManifest, PutTag,
     TagRecord, TouchRepo,
 };
+use crate::metrics::{ActorName, CacheOutcome, Mailbox, Metrics};
 use crate::oci::{effective_media_type, referenced_blobs};
 use crate::reference::Reference;
 use crate::settings::{EngineSettings, TagPattern, UpstreamId, UpstreamNames};
@@ -41,8 +42,9 @@ pub struct ManifestAnswer {
     pub media_type: String,
     pub digest: Digest,
     pub bytes: Bytes,
-    /// Served from cache because the upstream could not confirm it.
-    pub stale: bool,
+    /// How the cache answered; `Stale`: served from the cache because the upstream could
+    /// not confirm it (a `Warning: 110` goes with it).
+    pub outcome: CacheOutcome,
 }
 
 type Key = (UpstreamId, String, String);
@@ -54,6 +56,7 @@ pub struct ManifestResolver {
     /// When each repository's use was last written to the metadata (feeds
     /// `manifest_max_idle`); kept here so a busy repository costs one write a minute.
     touched: HashMap<(UpstreamId, String), u64>,
+    mailbox: Mailbox,
 }
 
 /// What a resolution needs; cloned into each lookup's future.
@@ -65,6 +68,7 @@ struct Ctx {
     policy: Arc<Policy>,
     clock: Clock,
     stats: Arc<ResolverStats>,
+    metrics: Arc<Metrics>,
 }
 
 /// Freshness policy, per upstream where the configuration allows it (indexed by
@@ -116,8 +120,10 @@ impl ManifestResolver {
         health: HealthHandle,
         policy: Policy,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> ManifestsHandle {
         let stats = Arc::new(ResolverStats::default());
+        let mailbox = metrics.mailbox(ActorName::Resolver);
         let addr = ManifestResolver {
             ctx: Ctx {
                 meta,
@@ -126,12 +132,18 @@ impl ManifestResolver {
                 policy: Arc::new(policy),
                 clock,
                 stats: stats.clone(),
+                metrics,
             },
             inflight: HashMap::new(),
             touched: HashMap::new(),
+            mailbox: mailbox.clone(),
         }
         .start();
-        ManifestsHandle { addr, stats }
+        ManifestsHandle {
+            addr,
+            stats,
+            mailbox,
+        }
     }
 }
 
@@ -156,6 +168,7 @@ impl Handler<Resolve> for ManifestResolver {
     type Result = ResponseFuture<Result<ManifestAnswer, EngineError>>;
 
     fn handle(&mut self, m: Resolve, ctx: &mut Self::Context) -> Self::Result {
+        self.mailbox.taken();
         let now = self.ctx.clock.now_ms();
         let last = self
             .touched
@@ -174,7 +187,15 @@ impl Handler<Resolve> for ManifestResolver {
         }
         let key = (m.upstream, m.repo.clone(), m.reference.to_string());
         if let Some(shared) = self.inflight.get(&key) {
-            return Box::pin(shared.clone());
+            // Joined: one upstream transfer for both requests, if there was one.
+            let joined = shared.clone();
+            return Box::pin(async move {
+                let mut a = joined.await?;
+                if matches!(a.outcome, CacheOutcome::Miss | CacheOutcome::Revalidated) {
+                    a.outcome = CacheOutcome::Coalesced;
+                }
+                Ok(a)
+            });
         }
         let c = self.ctx.clone();
         let fut: LocalBoxFuture<'static, _> =
@@ -193,6 +214,7 @@ impl Handler<TagList> for ManifestResolver {
     type Result = ResponseFuture<Result<Vec<String>, EngineError>>;
 
     fn handle(&mut self, m: TagList, _: &mut Self::Context) -> Self::Result {
+        self.mailbox.taken();
         let c = self.ctx.clone();
         Box::pin(async move { c.tag_list(m.upstream, &m.repo).await })
     }
@@ -236,7 +258,7 @@ impl Ctx {
         }
         self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(upstream = %name, repo, tag, digest = %digest, why, "serving a stale tag from cache");
-        Ok(answer(rec, digest, true))
+        Ok(answer(rec, digest, CacheOutcome::Stale))
     }
 
     async fn cached(
@@ -264,7 +286,7 @@ impl Ctx {
         match reference {
             Reference::Digest(d) => {
                 if let Some(rec) = self.cached(upstream, repo, d).await? {
-                    return Ok(answer(rec, d.clone(), false));
+                    return Ok(answer(rec, d.clone(), CacheOutcome::Hit));
                 }
                 self.fetch(upstream, repo, &d.to_string(), Some(d), None)
                     .await
@@ -300,7 +322,7 @@ impl Ctx {
         let ttl = self.policy.tag_ttl[upstream.index()].as_millis() as u64;
         let age = now.saturating_sub(checked_ms);
         if age < ttl || self.policy.immutable_tags.iter().any(|r| r.is_match(tag)) {
-            return Ok(answer(rec, digest, false));
+            return Ok(answer(rec, digest, CacheOutcome::Hit));
         }
         let stale_ms = age - ttl;
         // Past its TTL. Known down: answer from cache at once, without waiting for timeouts.
@@ -312,7 +334,7 @@ impl Ctx {
             if q.is_low(self.policy.min_quota[upstream.index()], now) {
                 self.stats.quota_skips.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(upstream = %name, repo, tag, remaining = q.remaining, "pull quota low; not revalidating a cached tag");
-                return Ok(answer(rec, digest, false));
+                return Ok(answer(rec, digest, CacheOutcome::Hit));
             }
         }
         // Ask the upstream with a HEAD.
@@ -325,7 +347,7 @@ impl Ctx {
                 self.put_tag(upstream, repo, tag, &digest, now, false)
                     .await?;
                 tracing::debug!(upstream = %name, repo, tag, "tag revalidated, unchanged");
-                Ok(answer(rec, digest, false))
+                Ok(answer(rec, digest, CacheOutcome::Revalidated))
             }
             Ok(UpstreamManifest {
                 digest: Some(d), ..
@@ -333,7 +355,7 @@ impl Ctx {
                 tracing::info!(upstream = %name, repo, tag, old = %digest, new = %d, "tag moved upstream");
                 if let Some(newrec) = self.cached(upstream, repo, &d).await? {
                     self.put_tag(upstream, repo, tag, &d, now, true).await?;
-                    return Ok(answer(newrec, d, false));
+                    return Ok(answer(newrec, d, CacheOutcome::Revalidated));
                 }
                 self.fetch(upstream, repo, &d.to_string(), Some(&d), Some(tag))
                     .await
@@ -433,6 +455,7 @@ impl Ctx {
         };
         if let Some(want) = expected.or(um.digest.as_ref()) {
             if *want != actual {
+                self.metrics.upstream(upstream).digest_mismatch.inc();
                 tracing::error!(%object, expected = %want, actual = %actual, "upstream manifest does not match its digest");
                 return Err(EngineError::DigestMismatch {
                     expected: want.clone(),
@@ -471,7 +494,7 @@ impl Ctx {
             media_type,
             digest: actual,
             bytes,
-            stale: false,
+            outcome: CacheOutcome::Miss,
         })
     }
 
@@ -538,12 +561,12 @@ impl Ctx {
     }
 }
 
-fn answer(rec: ManifestRecord, digest: Digest, stale: bool) -> ManifestAnswer {
+fn answer(rec: ManifestRecord, digest: Digest, outcome: CacheOutcome) -> ManifestAnswer {
     ManifestAnswer {
         media_type: rec.media_type,
         digest,
         bytes: rec.bytes,
-        stale,
+        outcome,
     }
 }
 
@@ -552,6 +575,7 @@ fn answer(rec: ManifestRecord, digest: Digest, stale: bool) -> ManifestAnswer {
 pub struct ManifestsHandle {
     addr: Addr<ManifestResolver>,
     pub stats: Arc<ResolverStats>,
+    mailbox: Mailbox,
 }
 
 impl ManifestsHandle {
@@ -561,6 +585,7 @@ impl ManifestsHandle {
         repo: &str,
         reference: Reference,
     ) -> Result<ManifestAnswer, EngineError> {
+        self.mailbox.sent();
         self.addr
             .send(Resolve {
                 upstream,
@@ -571,6 +596,7 @@ impl ManifestsHandle {
     }
 
     pub async fn tags(&self, upstream: UpstreamId, repo: &str) -> Result<Vec<String>, EngineError> {
+        self.mailbox.sent();
         self.addr
             .send(TagList {
                 upstream,

@@ -319,7 +319,7 @@ mod tests {
         assert_eq!(r.records_without_file, 1);
         assert_eq!(db.usage(), 0);
         assert_eq!(orphans.len(), 2);
-        let meta = Metadata::start(db);
+        let meta = Metadata::start(db, crate::metrics::Mailbox::detached());
         let pending = Pending::new(orphans);
         let r2 = recover_orphans(meta.clone(), store.clone(), pending, 5)
             .await
@@ -343,7 +343,7 @@ mod tests {
         let (fx, good, bad) = two_unrecorded();
         let (store, db) = (fx.store.clone(), fx.db);
         let (_, orphans) = reconcile(&db, &store).unwrap();
-        let meta = Metadata::start(db);
+        let meta = Metadata::start(db, crate::metrics::Mailbox::detached());
         let pending = Pending::new(orphans);
         // Two requests at once: one hashes, the other waits for its answer.
         let (first, second) = tokio::join!(

@@ -17,6 +17,25 @@ pub fn version_check(head: bool) -> HttpResponse {
     }
 }
 
+/// The metrics listener's routes: `/metrics` (Prometheus text format) and `/healthz`.
+pub fn configure_metrics(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/metrics").route(web::get().to(metrics)))
+        .service(
+            web::resource("/healthz")
+                .route(web::get().to(healthz))
+                .route(web::head().to(healthz)),
+        );
+}
+
+/// Every metric, in the Prometheus text format (the gauges read from elsewhere are
+/// brought up to date first).
+async fn metrics(engine: web::Data<pullcache_actors::Engine>) -> HttpResponse {
+    engine.refresh_metrics();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(engine.metrics().render())
+}
+
 /// Liveness: the process serves HTTP.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")

@@ -6,11 +6,12 @@ use actix_web::body::{BodyStream, SizedStream};
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use pullcache_actors::reference::ReferenceError;
-use pullcache_actors::Digest;
+use pullcache_actors::{Digest, Kind};
 
 use super::manifest::head_response;
 use super::{AppState, Routed};
 use crate::error::ApiError;
+use crate::telemetry::access::AccessRecord;
 use crate::zerocopy::{sendfile_body, SlotRef};
 
 /// Bodies smaller than this are copied: one write with the head beats a second syscall.
@@ -48,6 +49,10 @@ pub async fn serve(
         .blobs
         .open(routed.upstream, &routed.repo, &digest)
         .await?;
+    let record = AccessRecord::of(req);
+    if let Some(r) = &record {
+        r.answered(Kind::Blob, body.outcome());
+    }
     let size = match (range, body.size()) {
         // The upstream sent no length: a range can only be placed once the download is
         // complete (dockerd and containerd need a 206 for a resume, never a 200).
@@ -79,6 +84,9 @@ pub async fn serve(
     let body = match req.conn_data::<SlotRef>() {
         Some(slot) if len >= ZERO_COPY_MIN && slot.available() => match body.regions(start..end) {
             Ok(regions) => {
+                if let Some(rec) = &record {
+                    rec.zero_copy(slot);
+                }
                 r.no_chunking(len);
                 return Ok(r.body(BodyStream::new(sendfile_body(slot.clone(), regions))));
             }

@@ -10,10 +10,11 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use bytes::Bytes;
 use oci_spec::distribution::ErrorCode;
-use pullcache_actors::Reference;
+use pullcache_actors::{CacheOutcome, Kind, Reference};
 
 use super::{AppState, Routed};
 use crate::error::ApiError;
+use crate::telemetry::access::AccessRecord;
 
 pub async fn serve(
     req: &HttpRequest,
@@ -48,7 +49,10 @@ pub async fn serve(
     r.insert_header((header::CONTENT_TYPE, answer.media_type.as_str()))
         .insert_header(("Docker-Content-Digest", answer.digest.to_string()))
         .insert_header((header::ETAG, etag.as_str()));
-    if answer.stale {
+    if let Some(r) = AccessRecord::of(req) {
+        r.answered(Kind::Manifest, answer.outcome);
+    }
+    if answer.outcome == CacheOutcome::Stale {
         r.insert_header((header::WARNING, "110 pullcache \"Response is Stale\""));
     }
     let not_modified = req

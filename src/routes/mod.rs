@@ -18,6 +18,7 @@ use pullcache_actors::reference::{validate_name, MAX_NAME_LEN};
 use pullcache_actors::{Engine, UpstreamId, UpstreamSettings};
 
 use crate::error::ApiError;
+use crate::telemetry::access::AccessRecord;
 
 /// Shared, immutable request-handling state: the engine's handles and the routing table.
 pub struct AppState {
@@ -213,6 +214,9 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     };
     validate_name(name)?;
     let routed = state.router.route(name, query.ns.as_deref())?;
+    if let Some(r) = AccessRecord::of(&req) {
+        r.routed(routed.upstream);
+    }
     match endpoint {
         Endpoint::Manifest { reference, .. } => {
             manifest::serve(&req, &state, &routed, reference, head).await

@@ -9,5 +9,6 @@ mod bad_input;
 mod blobs;
 mod cache_policy;
 mod manifests;
+mod observability;
 mod restart;
 mod zero_copy;

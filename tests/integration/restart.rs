@@ -57,7 +57,7 @@ async fn cached_images_survive_a_restart_with_the_upstream_stopped() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nroot = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[storage]\nroot = \"{}\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n",
             dir.path().join("data").display(),
             up.url()
         ),
@@ -116,7 +116,7 @@ fn write_config(dir: &std::path::Path, port: u16, upstream_url: &str) -> std::pa
     std::fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\n[storage]\nroot = \"{}\"\nmax_size = \"1GiB\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{upstream_url}\"\ndefault = true\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"20s\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[storage]\nroot = \"{}\"\nmax_size = \"1GiB\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{upstream_url}\"\ndefault = true\n",
             dir.join("data").display(),
         ),
     )

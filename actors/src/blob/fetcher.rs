@@ -29,6 +29,7 @@ use crate::health::HealthHandle;
 use crate::metadata::{
     BlobLookup, ForgetBlob, LinkBlobs, LookupBlob, MetaHandle, RecordBlob, TouchBlob,
 };
+use crate::metrics::{ActorName, CacheOutcome, Held, Mailbox, Metrics};
 use crate::recovery::{self, Pending};
 use crate::settings::{UpstreamId, UpstreamNames};
 use crate::store::BlobStore;
@@ -81,6 +82,7 @@ pub struct FetcherDeps {
     pub read_in: Arc<AtomicU64>,
     /// Files found without a record at start and not re-checked yet.
     pub pending: Pending,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct BlobFetcher {
@@ -90,6 +92,7 @@ pub struct BlobFetcher {
     /// of each handle.
     d: Arc<FetcherDeps>,
     outcomes: HashMap<&'static str, u64>,
+    mailbox: Mailbox,
 }
 
 impl Actor for BlobFetcher {
@@ -101,26 +104,49 @@ impl BlobFetcher {
         BlobFetcher {
             inflight: HashMap::new(),
             next_id: 0,
+            mailbox: deps.metrics.mailbox(ActorName::Fetcher),
             d: Arc::new(deps),
             outcomes: HashMap::new(),
         }
         .start()
     }
 
-    fn body(&self, src: Source) -> BlobBody {
+    fn body(&self, src: Source, outcome: CacheOutcome) -> BlobBody {
+        let waiting =
+            matches!(src, Source::Filling { .. }).then(|| Held::new(&self.d.metrics.fill_waiters));
         BlobBody {
             src,
             read_in: self.d.read_in.clone(),
+            outcome,
+            _waiting: waiting,
         }
     }
 
-    fn filling(&self, state: watch::Receiver<FillState>, started_for: String) -> BlobBody {
-        self.body(Source::Filling {
-            state,
-            total: None,
-            wait: self.d.wait,
-            started_for,
-        })
+    /// A body reading a fill; `outcome`: `Miss` for the request that started it,
+    /// `Coalesced` for one that joined it.
+    fn filling(
+        &self,
+        state: watch::Receiver<FillState>,
+        started_for: String,
+        outcome: CacheOutcome,
+    ) -> BlobBody {
+        self.body(
+            Source::Filling {
+                state,
+                total: None,
+                wait: self.d.wait,
+                started_for,
+            },
+            outcome,
+        )
+    }
+
+    /// The fill table changed size.
+    fn table_changed(&self) {
+        self.d
+            .metrics
+            .inflight_fills
+            .set(self.inflight.len() as i64);
     }
 
     /// The fill for `key` if it can still deliver. A failed or abandoned fill whose writer
@@ -133,10 +159,11 @@ impl BlobFetcher {
             FillState::Failed(_) | FillState::Abandoned
         ) {
             self.inflight.remove(key);
+            self.table_changed();
             return None;
         }
         let (state, repo) = (f.state.clone(), f.repo.clone());
-        Some(self.filling(state, repo))
+        Some(self.filling(state, repo, CacheOutcome::Coalesced))
     }
 
     /// Starts the fill for `key` (there is none: see [`BlobFetcher::live_fill`]).
@@ -158,6 +185,7 @@ impl BlobFetcher {
             clock: self.d.clock.clone(),
             disk: self.d.disk.clone(),
             report: ctx.address().recipient(),
+            mismatches: self.d.metrics.upstream(key.0).digest_mismatch.clone(),
         };
         writer
             .spawn(events_rx, state_tx)
@@ -174,7 +202,8 @@ impl BlobFetcher {
                 repo: repo.clone(),
             },
         );
-        Ok(self.filling(state_rx, repo))
+        self.table_changed();
+        Ok(self.filling(state_rx, repo, CacheOutcome::Miss))
     }
 }
 
@@ -276,6 +305,7 @@ impl Handler<OpenBlob> for BlobFetcher {
     type Result = ResponseActFuture<Self, Result<BlobBody, EngineError>>;
 
     fn handle(&mut self, m: OpenBlob, _: &mut Self::Context) -> Self::Result {
+        self.mailbox.taken();
         let key = (m.upstream, m.digest.clone());
         if let Some(body) = self.live_fill(&key) {
             return Box::pin(fut::ready(Ok(body)));
@@ -287,7 +317,9 @@ impl Handler<OpenBlob> for BlobFetcher {
             lookup
                 .into_actor(self)
                 .map(move |res, act, ctx| match res? {
-                    Lookup::Cached(file, size) => Ok(act.body(Source::Cached { file, size })),
+                    Lookup::Cached(file, size) => {
+                        Ok(act.body(Source::Cached { file, size }, CacheOutcome::Hit))
+                    }
                     Lookup::Missing => {
                         if let Some(body) = act.live_fill(&key) {
                             return Ok(body);
@@ -300,12 +332,15 @@ impl Handler<OpenBlob> for BlobFetcher {
                         if act.d.disk.is_full(act.d.clock.now_ms()) {
                             let (tx, rx) = mpsc::channel(FILL_CHANNEL);
                             act.d.upstreams.start_download(key.0, &repo, &key.1, tx);
-                            return Ok(act.body(Source::Direct {
-                                events: rx,
-                                total: None,
-                                digest: key.1,
-                                wait: act.d.wait,
-                            }));
+                            return Ok(act.body(
+                                Source::Direct {
+                                    events: rx,
+                                    total: None,
+                                    digest: key.1,
+                                    wait: act.d.wait,
+                                },
+                                CacheOutcome::Miss,
+                            ));
                         }
                         act.start_fill(ctx, key, repo)
                     }
@@ -318,6 +353,7 @@ impl Handler<StatBlob> for BlobFetcher {
     type Result = ResponseFuture<Result<u64, EngineError>>;
 
     fn handle(&mut self, m: StatBlob, _: &mut Self::Context) -> Self::Result {
+        self.mailbox.taken();
         let key = (m.upstream, m.digest.clone());
         if let Some(f) = self.inflight.get(&key) {
             if let FillState::Streaming { total: Some(t), .. }
@@ -391,6 +427,7 @@ impl BlobFetcher {
     fn finish(&mut self, m: &FillFinished) {
         if self.inflight.get(&m.key).is_some_and(|f| f.id == m.id) {
             self.inflight.remove(&m.key);
+            self.table_changed();
         }
         *self.outcomes.entry(m.outcome.name()).or_default() += 1;
     }

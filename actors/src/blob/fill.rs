@@ -220,6 +220,8 @@ pub struct FillWriter {
     pub clock: Clock,
     pub disk: Arc<DiskState>,
     pub report: Recipient<FillFinished>,
+    /// `pullcache_digest_mismatch_total` of the upstream.
+    pub mismatches: prometheus::IntCounter,
 }
 
 /// What a fill has on disk so far.
@@ -400,6 +402,7 @@ impl FillWriter {
             return g.fail(EngineError::Internal("the hashing thread died"));
         };
         if &actual != digest {
+            self.mismatches.inc();
             tracing::error!(expected = %digest, actual = %actual, upstream = %self.upstream_name, "upstream blob does not match its digest; discarded");
             return g.fail(EngineError::DigestMismatch {
                 expected: digest.clone(),

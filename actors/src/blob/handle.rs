@@ -14,6 +14,7 @@ use super::fill::{wait_fill, DiskState, FillState};
 use super::reader::{BlobBody, Source};
 use crate::digest::Digest;
 use crate::error::{EngineError, Object};
+use crate::metrics::Mailbox;
 use crate::settings::UpstreamId;
 use crate::upstream::DownloadEvent;
 
@@ -22,6 +23,7 @@ pub struct BlobsHandle {
     pub(crate) addr: Addr<BlobFetcher>,
     pub(crate) disk: Arc<DiskState>,
     pub(crate) read_in: Arc<AtomicU64>,
+    pub(crate) mailbox: Mailbox,
 }
 
 impl BlobsHandle {
@@ -35,6 +37,7 @@ impl BlobsHandle {
         digest: &Digest,
     ) -> Result<BlobBody, EngineError> {
         for attempt in 0..2 {
+            self.mailbox.sent();
             let body = self
                 .addr
                 .send(OpenBlob {
@@ -43,9 +46,21 @@ impl BlobsHandle {
                     digest: digest.clone(),
                 })
                 .await??;
-            let BlobBody { src, read_in } = body;
+            let BlobBody {
+                src,
+                read_in,
+                outcome,
+                _waiting,
+            } = body;
             let ready = match src {
-                Source::Cached { .. } => return Ok(BlobBody { src, read_in }),
+                Source::Cached { .. } => {
+                    return Ok(BlobBody {
+                        src,
+                        read_in,
+                        outcome,
+                        _waiting,
+                    })
+                }
                 Source::Direct {
                     mut events,
                     digest,
@@ -62,6 +77,8 @@ impl BlobsHandle {
                                 wait,
                             },
                             read_in,
+                            outcome,
+                            _waiting,
                         }),
                         Ok(Some(DownloadEvent::Failed(e))) => {
                             Err(EngineError::from_upstream(e, Object::Blob(digest)))
@@ -103,6 +120,8 @@ impl BlobsHandle {
                                     started_for,
                                 },
                                 read_in,
+                                outcome,
+                                _waiting,
                             })
                         }
                         Err(e) => (e, started_for),
@@ -134,6 +153,7 @@ impl BlobsHandle {
         repo: &str,
         digest: &Digest,
     ) -> Result<u64, EngineError> {
+        self.mailbox.sent();
         self.addr
             .send(StatBlob {
                 upstream,

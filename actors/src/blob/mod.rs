@@ -27,9 +27,11 @@ pub use reader::{BlobBody, BlobRegions, ByteStream, Region};
 pub fn start(deps: fetcher::FetcherDeps) -> BlobsHandle {
     let (disk, read_in): (Arc<DiskState>, Arc<AtomicU64>) =
         (deps.disk.clone(), deps.read_in.clone());
+    let mailbox = deps.metrics.mailbox(crate::metrics::ActorName::Fetcher);
     BlobsHandle {
         addr: fetcher::BlobFetcher::start(deps),
         disk,
         read_in,
+        mailbox,
     }
 }

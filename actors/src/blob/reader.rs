@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use super::fill::{wait_fill, FillState};
 use crate::digest::{Digest, Hasher};
 use crate::error::EngineError;
+use crate::metrics::{CacheOutcome, Held};
 use crate::store;
 use crate::upstream::DownloadEvent;
 
@@ -54,6 +55,11 @@ pub struct BlobBody {
     pub(super) src: Source,
     /// Counts stored regions that had left the page cache and were read back in.
     pub(super) read_in: Arc<AtomicU64>,
+    /// How the cache answered: `Hit`, `Miss` (this request started the download) or
+    /// `Coalesced` (it joined one).
+    pub(super) outcome: CacheOutcome,
+    /// Counts this body in `pullcache_fill_waiters` while it reads a download.
+    pub(super) _waiting: Option<Held>,
 }
 
 /// Where a body's bytes come from.
@@ -94,6 +100,11 @@ fn bounds(range: impl RangeBounds<u64>) -> (u64, Option<u64>) {
 }
 
 impl BlobBody {
+    /// How the cache answered this request.
+    pub fn outcome(&self) -> CacheOutcome {
+        self.outcome
+    }
+
     /// The blob's size, if known yet (an upstream may send no Content-Length).
     pub fn size(&self) -> Option<u64> {
         match &self.src {

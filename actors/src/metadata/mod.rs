@@ -25,6 +25,7 @@ use actix::prelude::*;
 
 use crate::digest::Digest;
 use crate::error::MetaError;
+use crate::metrics::Mailbox;
 use crate::settings::PinPattern;
 
 pub use db::{BlobRecord, Db, Durable, Evicted, ManifestRecord, Pinned, Reconciled, TagRecord};
@@ -35,6 +36,7 @@ pub const THREADS: usize = 2;
 /// Runs the database's calls on a sync arbiter's threads.
 pub struct Metadata {
     db: Db,
+    mailbox: Mailbox,
 }
 
 impl Actor for Metadata {
@@ -43,10 +45,19 @@ impl Actor for Metadata {
 
 impl Metadata {
     /// Hands the database to the actor: from now on it is reached only by messages.
-    pub fn start(db: Db) -> MetaHandle {
+    /// `mailbox` counts the messages waiting for a thread.
+    pub fn start(db: Db, mailbox: Mailbox) -> MetaHandle {
         let usage = db.usage_counter();
-        let addr = SyncArbiter::start(THREADS, move || Metadata { db: db.share() });
-        MetaHandle { addr, usage }
+        let mb = mailbox.clone();
+        let addr = SyncArbiter::start(THREADS, move || Metadata {
+            db: db.share(),
+            mailbox: mb.clone(),
+        });
+        MetaHandle {
+            addr,
+            usage,
+            mailbox,
+        }
     }
 }
 
@@ -226,6 +237,7 @@ macro_rules! handlers {
         impl Handler<$msg> for Metadata {
             type Result = <$msg as Message>::Result;
             fn handle(&mut self, $m: $msg, _: &mut Self::Context) -> Self::Result {
+                self.mailbox.taken();
                 let $db = &self.db;
                 $body
             }
@@ -309,6 +321,7 @@ pub struct MetaHandle {
     addr: Addr<Metadata>,
     /// The database's usage counter (see [`MetaHandle::usage`]).
     usage: Arc<AtomicU64>,
+    mailbox: Mailbox,
 }
 
 impl MetaHandle {
@@ -319,6 +332,7 @@ impl MetaHandle {
         M::Result: Send,
         Metadata: Handler<M>,
     {
+        self.mailbox.sent();
         self.addr.send(m).await.map_err(MetaError::Gone)
     }
 
@@ -328,6 +342,7 @@ impl MetaHandle {
         M: Message<Result = ()> + Send + 'static,
         Metadata: Handler<M>,
     {
+        self.mailbox.sent();
         self.addr.do_send(m);
     }
 

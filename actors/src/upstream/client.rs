@@ -14,7 +14,8 @@ use super::{parse_ratelimit, Quota};
 use crate::auth::{self, Challenge, TokenCache, TokenResponse};
 use crate::clock::Clock;
 use crate::error::UpstreamError;
-use crate::settings::UpstreamSettings;
+use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::settings::{UpstreamId, UpstreamSettings};
 
 /// Manifests larger than this are refused (what Distribution and containers/image accept).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -35,6 +36,8 @@ pub(super) struct Conn {
     /// The last rate-limit headers seen (Docker Hub's `ratelimit-*`).
     quota: RefCell<Option<Quota>>,
     clock: Clock,
+    metrics: Arc<Metrics>,
+    id: UpstreamId,
 }
 
 impl Conn {
@@ -42,6 +45,8 @@ impl Conn {
         settings: UpstreamSettings,
         tls: Arc<rustls::ClientConfig>,
         clock: Clock,
+        metrics: Arc<Metrics>,
+        id: UpstreamId,
     ) -> Conn {
         let connector = awc::Connector::new()
             .rustls_0_23(tls)
@@ -64,7 +69,23 @@ impl Conn {
             tokens: RefCell::new(TokenCache::default()),
             quota: RefCell::new(None),
             clock,
+            metrics,
+            id,
         }
+    }
+
+    /// This upstream's metrics.
+    pub(super) fn metrics(&self) -> &UpstreamMetrics {
+        self.metrics.upstream(self.id)
+    }
+
+    pub(super) fn id(&self) -> UpstreamId {
+        self.id
+    }
+
+    /// The engine's metrics.
+    pub(super) fn engine_metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The last rate-limit headers seen.
@@ -76,7 +97,13 @@ impl Conn {
     pub(super) async fn probe(&self, timeout: Duration) -> Result<Duration, String> {
         let start = Instant::now();
         let req = self.client.get(self.url("/v2/")).send();
-        match tokio::time::timeout(timeout, req).await {
+        let res = tokio::time::timeout(timeout, req).await;
+        let code = match &res {
+            Ok(Ok(r)) => Some(r.status().as_u16()),
+            _ => None,
+        };
+        self.metrics().request("GET", code, start.elapsed());
+        match res {
             Err(_) => Err(format!("no answer within {timeout:?}")),
             Ok(Err(e)) => Err(self.send_error(e).to_string()),
             Ok(Ok(resp)) => match resp.status().as_u16() {
@@ -120,6 +147,7 @@ impl Conn {
         };
         if let Some((remaining, w)) = get("ratelimit-remaining") {
             let limit = get("ratelimit-limit");
+            self.metrics().quota(remaining);
             *self.quota.borrow_mut() = Some(Quota {
                 limit: limit.map(|l| l.0),
                 remaining,
@@ -292,7 +320,15 @@ impl Conn {
                     auth::basic_header(&self.settings.username, self.settings.password.expose()),
                 ));
             }
-            match tokio::time::timeout(self.settings.response_timeout, r.send()).await {
+            self.metrics().token_fetches.inc();
+            let sent = Instant::now();
+            let res = tokio::time::timeout(self.settings.response_timeout, r.send()).await;
+            let code = match &res {
+                Ok(Ok(r)) => Some(r.status().as_u16()),
+                _ => None,
+            };
+            self.metrics().request("GET", code, sent.elapsed());
+            match res {
                 Err(_) => return Err(self.timeout("waiting for a token")),
                 Ok(Ok(resp)) => break resp,
                 Ok(Err(e)) if attempt < CONNECT_RETRIES && retryable(&e) => {
@@ -374,7 +410,15 @@ impl Conn {
             if let Some(range) = &req.range {
                 r = r.insert_header((header::RANGE, range.as_str()));
             }
-            match tokio::time::timeout(self.settings.response_timeout, r.send()).await {
+            let sent = Instant::now();
+            let res = tokio::time::timeout(self.settings.response_timeout, r.send()).await;
+            let code = match &res {
+                Ok(Ok(r)) => Some(r.status().as_u16()),
+                _ => None,
+            };
+            self.metrics()
+                .request(req.method.as_str(), code, sent.elapsed());
+            match res {
                 Err(_) => return Err(self.timeout("waiting for response headers")),
                 Ok(Ok(resp)) => return Ok(resp),
                 Ok(Err(e)) if attempt < CONNECT_RETRIES && retryable(&e) => {

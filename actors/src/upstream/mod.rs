@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::clock::Clock;
 use crate::digest::Digest;
 use crate::error::UpstreamError;
+use crate::metrics::{ActorName, Mailbox, Metrics};
 use crate::settings::{UpstreamId, UpstreamNames, UpstreamSettings};
 use client::Conn;
 
@@ -80,6 +81,7 @@ pub fn parse_ratelimit(v: &str) -> Option<(u64, Option<u64>)> {
 
 pub struct Upstreams {
     conns: Vec<Rc<Conn>>,
+    mailbox: Mailbox,
 }
 
 impl Actor for Upstreams {
@@ -108,24 +110,39 @@ impl Upstreams {
         settings: Vec<UpstreamSettings>,
         names: UpstreamNames,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> UpstreamHandle {
         let arbiter = Arbiter::new();
+        let mailbox = metrics.mailbox(ActorName::Upstream);
+        let mb = mailbox.clone();
         let addr = Upstreams::start_in_arbiter(&arbiter.handle(), move |_| {
             let tls = tls_config();
             let conns = settings
                 .into_iter()
-                .map(|s| Rc::new(Conn::new(s, tls.clone(), clock.clone())))
+                .enumerate()
+                .map(|(i, s)| {
+                    Rc::new(Conn::new(
+                        s,
+                        tls.clone(),
+                        clock.clone(),
+                        metrics.clone(),
+                        UpstreamId::new(i),
+                    ))
+                })
                 .collect();
-            Upstreams { conns }
+            Upstreams { conns, mailbox: mb }
         });
         UpstreamHandle {
             addr,
             names,
+            mailbox,
             _arbiter: Arc::new(ArbiterGuard(arbiter)),
         }
     }
 
+    /// The connection of upstream `id`, for a message just taken from the mailbox.
     fn conn(&self, id: UpstreamId) -> Rc<Conn> {
+        self.mailbox.taken();
         self.conns[id.index()].clone()
     }
 }
@@ -268,6 +285,7 @@ impl Handler<FetchTags> for Upstreams {
 pub struct UpstreamHandle {
     addr: Addr<Upstreams>,
     names: UpstreamNames,
+    mailbox: Mailbox,
     _arbiter: Arc<ArbiterGuard>,
 }
 
@@ -287,6 +305,7 @@ impl UpstreamHandle {
         reference: &str,
         head: bool,
     ) -> Result<UpstreamManifest, UpstreamError> {
+        self.mailbox.sent();
         self.addr
             .send(FetchManifest {
                 upstream,
@@ -304,6 +323,7 @@ impl UpstreamHandle {
         repo: &str,
         digest: &Digest,
     ) -> Result<u64, UpstreamError> {
+        self.mailbox.sent();
         self.addr
             .send(HeadBlob {
                 upstream,
@@ -321,6 +341,7 @@ impl UpstreamHandle {
         digest: &Digest,
         sink: mpsc::Sender<DownloadEvent>,
     ) {
+        self.mailbox.sent();
         self.addr.do_send(StartDownload {
             upstream,
             repo: repo.into(),
@@ -330,6 +351,7 @@ impl UpstreamHandle {
     }
 
     pub async fn probe(&self, upstream: UpstreamId, timeout: Duration) -> Result<Duration, String> {
+        self.mailbox.sent();
         self.addr
             .send(Probe { upstream, timeout })
             .await
@@ -337,6 +359,7 @@ impl UpstreamHandle {
     }
 
     pub async fn quota(&self, upstream: UpstreamId) -> Option<Quota> {
+        self.mailbox.sent();
         self.addr.send(GetQuota { upstream }).await.ok().flatten()
     }
 
@@ -347,6 +370,7 @@ impl UpstreamHandle {
         n: Option<u32>,
         last: Option<String>,
     ) -> Result<TagsPage, UpstreamError> {
+        self.mailbox.sent();
         self.addr
             .send(FetchTags {
                 upstream,

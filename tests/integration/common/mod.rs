@@ -479,6 +479,8 @@ async fn cdn(req: HttpRequest, s: web::Data<Shared>) -> HttpResponse {
 /// pullcache running in this test's actix System, with a manual clock.
 pub struct Pullcache {
     pub base: String,
+    /// `http://<metrics listener>`.
+    pub metrics_base: String,
     pub root: tempfile::TempDir,
     pub clock: Clock,
     pub handle: actix_web::dev::ServerHandle,
@@ -501,6 +503,7 @@ pub fn upstream(name: &str, url: &str, default: bool, prefix: Option<&str>) -> U
 pub fn config(root: &std::path::Path, upstreams: Vec<UpstreamSettings>) -> Config {
     let mut c = Config::default();
     c.server.listen = "127.0.0.1:0".into();
+    c.metrics.listen = "127.0.0.1:0".into();
     c.server.workers = 2;
     c.server.shutdown_timeout = Duration::from_secs(1);
     c.storage.root = root.to_path_buf();
@@ -526,11 +529,17 @@ impl Pullcache {
         let clock = Clock::manual();
         let running = pullcache::server::start(&cfg, clock.clone(), false).unwrap();
         let base = format!("http://{}", running.addrs[0]);
+        let metrics_base = running
+            .metrics_addrs
+            .first()
+            .map(|a| format!("http://{a}"))
+            .unwrap_or_default();
         let handle = running.server.handle();
         // The server runs (accepts, dispatches to workers) while its future is polled.
         actix_rt::spawn(running.server);
         Pullcache {
             base,
+            metrics_base,
             root,
             clock,
             handle,

@@ -46,6 +46,7 @@ impl Rig {
             clock: Clock::manual(),
             disk: Arc::new(DiskState::default()),
             report,
+            mismatches: prometheus::IntCounter::new("m", "m").unwrap(),
         }
         .spawn(events, state_tx)
         .unwrap();

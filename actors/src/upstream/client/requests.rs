@@ -11,6 +11,7 @@ use url::Url;
 use super::{content_length, Conn, Req, MAX_MANIFEST_BYTES};
 use crate::digest::Digest;
 use crate::error::UpstreamError;
+use crate::metrics::Kind;
 use crate::oci::media_types;
 use crate::upstream::{DownloadEvent, TagsPage, UpstreamManifest};
 
@@ -49,10 +50,12 @@ impl Conn {
         let bytes = if head {
             None
         } else {
-            Some(
-                self.body(&mut resp, MAX_MANIFEST_BYTES, "reading a manifest body")
-                    .await?,
-            )
+            let b = self
+                .body(&mut resp, MAX_MANIFEST_BYTES, "reading a manifest body")
+                .await?;
+            self.engine_metrics()
+                .pulled(self.id(), Kind::Manifest, b.len() as u64);
+            Some(b)
         };
         Ok(UpstreamManifest {
             media_type,
@@ -150,6 +153,9 @@ impl Conn {
                     Some(item) => end = self.batch(item, &mut pieces),
                 }
             }
+            let n: usize = pieces.iter().map(Bytes::len).sum();
+            self.engine_metrics()
+                .pulled(self.id(), Kind::Blob, n as u64);
             if !pieces.is_empty() && sink.send(DownloadEvent::Chunk(pieces)).await.is_err() {
                 return;
             }
