@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end suite (tests/e2e/run.sh) needs on Debian 12,
-# idempotently:
+# Installs what the end-to-end suites (tests/e2e/run.sh, resilience.sh,
+# observability.sh) need on Debian 12, idempotently:
 #   - from apt: docker-registry (CNCF Distribution), skopeo, containerd,
-#     python3, curl and the two libraries dockerd links (libdevmapper1.02.1,
-#     libsystemd0); `apt-get update` runs only when something is missing;
+#     python3, curl, the two libraries dockerd links (libdevmapper1.02.1,
+#     libsystemd0), prometheus (with promtool) and docker-compose (1.29, to
+#     validate compose/docker-compose.yml offline); `apt-get update` runs only
+#     when something is missing;
 #   - the Debian docker.io package (Docker Engine 20.10), downloaded and
 #     unpacked with `dpkg -x` into $E2E_DOCKER_PKG_DIR
 #     (default tests/e2e/work/docker-pkg, gitignored), never installed, so no
@@ -11,17 +13,17 @@
 #
 # Package installs run with a temporary /usr/sbin/policy-rc.d that forbids
 # starting services: on a machine with systemd, installing docker-registry
-# would otherwise start a registry on :5000 and containerd on
-# /run/containerd, which the suite neither needs nor wants.
+# would otherwise start a registry on :5000, containerd on /run/containerd
+# and Prometheus on :9090, which the suites neither need nor want.
 #
 # Must run as root (or find everything already installed).
 set -euo pipefail
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DOCKER_PKG_DIR=${E2E_DOCKER_PKG_DIR:-$E2E_DIR/work/docker-pkg}
-APT_PACKAGES=(docker-registry skopeo containerd python3 curl libdevmapper1.02.1 libsystemd0)
+APT_PACKAGES=(docker-registry skopeo containerd python3 curl libdevmapper1.02.1 libsystemd0 prometheus docker-compose)
 # Commands the suite runs, each from one of the packages above.
-COMMANDS=(docker-registry skopeo containerd ctr python3 curl unshare mount umount timeout sha256sum)
+COMMANDS=(docker-registry skopeo containerd ctr python3 curl unshare mount umount timeout sha256sum prometheus promtool docker-compose)
 
 export DEBIAN_FRONTEND=noninteractive
 
