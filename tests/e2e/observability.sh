@@ -90,7 +90,7 @@ COMPOSE=$REPO_ROOT/compose/docker-compose.yml
 DASHBOARD=$REPO_ROOT/dashboards/pullcache.json
 DATASOURCES=$REPO_ROOT/compose/grafana/provisioning/datasources
 
-[ "$(id -u)" = 0 ] || die "run as root (setup.sh installs packages)"
+[ "$(id -u)" = 0 ] || [ "${E2E_SKIP_SETUP:-0}" = 1 ] || die "run as root (setup.sh installs packages), or set E2E_SKIP_SETUP=1"
 need_numbers "E2E_UPSTREAM_PORT, E2E_MIRROR_PORT, E2E_METRICS_PORT, E2E_PROM_PORT, E2E_BUDGET" \
     "$UPSTREAM_PORT" "$MIRROR_PORT" "$METRICS_PORT" "$PROM_PORT" "$BUDGET"
 
