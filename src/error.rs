@@ -139,7 +139,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Storage { .. } | EngineError::Metadata(_) | EngineError::Internal(_) => {
                 // The detail (with its source chain) goes to the log, not to the client.
-                tracing::error!(error = %msg, source = ?std::error::Error::source(&e), "storage failure");
+                tracing::error!(error = %msg, source = %std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default(), "storage failure");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     Code::Unknown,

@@ -55,7 +55,18 @@ fn main() -> ExitCode {
                 }
             };
             pullcache::telemetry::init(&cfg.log);
-            match actix_rt::System::new().block_on(serve(cfg)) {
+            let traces = match pullcache::telemetry::traces::init(&cfg.telemetry) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("pullcache: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let result = actix_rt::System::new().block_on(serve(cfg));
+            if let Some(t) = traces {
+                t.shutdown();
+            }
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

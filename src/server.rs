@@ -13,9 +13,10 @@ use actix_http::{HttpService, Protocol};
 use actix_server::Server;
 use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
 use actix_web::dev::AppConfig;
-use actix_web::middleware::DefaultHeaders;
+use actix_web::middleware::{Condition, DefaultHeaders};
 use actix_web::rt::net::TcpStream;
 use actix_web::{web, App};
+use opentelemetry_instrumentation_actix_web::RequestTracing;
 use pullcache_actors::{Clock, Engine, UpstreamNames};
 
 use crate::config::Config;
@@ -51,6 +52,9 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
         names: UpstreamNames::new(&config.upstreams),
     });
     let access_app = access.clone();
+    // Server spans only while traces are exported: otherwise the middleware's per-request
+    // work (span name, attributes, header extraction) would be spent for nothing.
+    let tracing_on = pullcache_actors::trace::exporting();
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -62,6 +66,7 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
             .app_data(state.clone())
             .wrap(DefaultHeaders::new().add(("Docker-Distribution-API-Version", "registry/2.0")))
             .wrap(Access(access_app.clone()))
+            .wrap(Condition::new(tracing_on, RequestTracing::new()))
             .configure(routes::configure)
     };
     let listen = &config.server.listen;

@@ -29,6 +29,7 @@ use crate::metadata::{DropIdleRepositories, EvictLru, MetaHandle, PinnedContent,
 use crate::metrics::{EvictReason, Metrics};
 use crate::settings::PinPattern;
 use crate::store::BlobStore;
+use crate::trace::{kv, Step};
 
 /// Records removed per step of a sweep.
 const STEP: usize = 256;
@@ -142,9 +143,32 @@ impl Eviction {
             self.budget.clone(),
             self.clock.now_ms(),
         );
+        // A trace of its own: a sweep belongs to no request.
+        let step = Step::root("eviction.sweep", || {
+            vec![
+                kv("pullcache.evict.reason", reason.as_str()),
+                kv("pullcache.evict.idle_repositories", full),
+                kv("pullcache.storage.bytes", meta.usage() as i64),
+            ]
+        });
         let task = async move { sweep(&meta, &store, &budget, now, full).await };
         ctx.spawn(task.into_actor(self).map(move |res, act, ctx| {
             act.state = SweepState::Idle;
+            match &res {
+                Ok(r) => step.set(|| {
+                    vec![
+                        kv("pullcache.evicted.blobs", r.evicted_blobs as i64),
+                        kv("pullcache.evicted.bytes", r.evicted_bytes as i64),
+                        kv(
+                            "pullcache.repositories_dropped",
+                            r.repositories_dropped as i64,
+                        ),
+                        kv("pullcache.storage.bytes", r.usage_after as i64),
+                    ]
+                }),
+                Err(e) => step.fail(e),
+            }
+            drop(step);
             match res {
                 Ok(r) => {
                     act.failures = 0;

@@ -131,8 +131,8 @@ impl Health {
             };
             if next != h.state {
                 match next {
-                    HealthState::Down => tracing::warn!(upstream = %h.name, error = ?h.last_error, failures = count, "upstream is DOWN: serving from cache, failing uncached requests fast"),
-                    _ => tracing::info!(upstream = %h.name, latency_ms = ?h.latency_ms, "upstream is up"),
+                    HealthState::Down => tracing::warn!(upstream = %h.name, error = h.last_error.as_deref().unwrap_or(""), failures = count, "upstream is DOWN: serving from cache, failing uncached requests fast"),
+                    _ => tracing::info!(upstream = %h.name, latency_ms = h.latency_ms.unwrap_or_default(), "upstream is up"),
                 }
                 h.state = next;
             }

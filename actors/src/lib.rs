@@ -91,6 +91,7 @@ pub mod recovery;
 pub mod reference;
 pub mod settings;
 pub mod store;
+pub mod trace;
 pub mod upstream;
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use crate::metrics::{ActorName, CacheOutcome, Mailbox, Metrics};
 use crate::oci::{effective_media_type, referenced_blobs};
 use crate::reference::Reference;
 use crate::settings::{EngineSettings, TagPattern, UpstreamId, UpstreamNames};
+use crate::trace::{self, kv, Context as TraceCx, Step};
 use crate::upstream::{UpstreamHandle, UpstreamManifest};
 
 /// A manifest as served to clients.
@@ -50,9 +51,15 @@ pub struct ManifestAnswer {
 type Key = (UpstreamId, String, String);
 type SharedAnswer = Shared<LocalBoxFuture<'static, Result<ManifestAnswer, EngineError>>>;
 
+/// A resolution in flight, and the trace of the request that started it.
+struct InFlight {
+    answer: SharedAnswer,
+    leader: String,
+}
+
 pub struct ManifestResolver {
     ctx: Ctx,
-    inflight: HashMap<Key, SharedAnswer>,
+    inflight: HashMap<Key, InFlight>,
     /// When each repository's use was last written to the metadata (feeds
     /// `manifest_max_idle`); kept here so a busy repository costs one write a minute.
     touched: HashMap<(UpstreamId, String), u64>,
@@ -154,6 +161,8 @@ pub struct Resolve {
     pub upstream: UpstreamId,
     pub repo: String,
     pub reference: Reference,
+    /// The request's trace.
+    pub cx: TraceCx,
 }
 
 /// List tags: the upstream's list (it is mutable), the cached tags when it is unavailable.
@@ -162,6 +171,7 @@ pub struct Resolve {
 pub struct TagList {
     pub upstream: UpstreamId,
     pub repo: String,
+    pub cx: TraceCx,
 }
 
 impl Handler<Resolve> for ManifestResolver {
@@ -186,10 +196,17 @@ impl Handler<Resolve> for ManifestResolver {
             }
         }
         let key = (m.upstream, m.repo.clone(), m.reference.to_string());
-        if let Some(shared) = self.inflight.get(&key) {
+        if let Some(f) = self.inflight.get(&key) {
             // Joined: one upstream transfer for both requests, if there was one.
-            let joined = shared.clone();
+            let joined = f.answer.clone();
+            let step = Step::child(&m.cx, "manifest.coalesce", || {
+                vec![
+                    kv("oci.reference", m.reference.to_string()),
+                    kv("pullcache.coalesce.leader_trace_id", f.leader.clone()),
+                ]
+            });
             return Box::pin(async move {
+                let _step = step;
                 let mut a = joined.await?;
                 if matches!(a.outcome, CacheOutcome::Miss | CacheOutcome::Revalidated) {
                     a.outcome = CacheOutcome::Coalesced;
@@ -198,10 +215,38 @@ impl Handler<Resolve> for ManifestResolver {
             });
         }
         let c = self.ctx.clone();
-        let fut: LocalBoxFuture<'static, _> =
-            Box::pin(async move { c.resolve(m.upstream, &m.repo, &m.reference).await });
+        let leader = trace::trace_id(&m.cx);
+        let step = Step::child(&m.cx, "manifest.resolve", || {
+            vec![
+                kv("pullcache.upstream", c.name(m.upstream)),
+                kv("oci.repository", m.repo.clone()),
+                kv("oci.reference", m.reference.to_string()),
+            ]
+        });
+        let fut: LocalBoxFuture<'static, _> = Box::pin(async move {
+            let r = c
+                .resolve(m.upstream, &m.repo, &m.reference, step.cx())
+                .await;
+            match &r {
+                Ok(a) => step.set(|| {
+                    vec![
+                        kv("cache.outcome", a.outcome.as_str()),
+                        kv("oci.digest", a.digest.to_string()),
+                        kv("pullcache.bytes", a.bytes.len() as i64),
+                    ]
+                }),
+                Err(e) => step.fail(e),
+            }
+            r
+        });
         let shared = fut.shared();
-        self.inflight.insert(key.clone(), shared.clone());
+        self.inflight.insert(
+            key.clone(),
+            InFlight {
+                answer: shared.clone(),
+                leader,
+            },
+        );
         // Runs to completion even if every requester goes away, then leaves the table.
         ctx.spawn(shared.clone().into_actor(self).map(move |_, act, _| {
             act.inflight.remove(&key);
@@ -216,7 +261,7 @@ impl Handler<TagList> for ManifestResolver {
     fn handle(&mut self, m: TagList, _: &mut Self::Context) -> Self::Result {
         self.mailbox.taken();
         let c = self.ctx.clone();
-        Box::pin(async move { c.tag_list(m.upstream, &m.repo).await })
+        Box::pin(async move { c.tag_list(m.upstream, &m.repo, &m.cx).await })
     }
 }
 
@@ -282,16 +327,17 @@ impl Ctx {
         upstream: UpstreamId,
         repo: &str,
         reference: &Reference,
+        cx: &TraceCx,
     ) -> Result<ManifestAnswer, EngineError> {
         match reference {
             Reference::Digest(d) => {
                 if let Some(rec) = self.cached(upstream, repo, d).await? {
                     return Ok(answer(rec, d.clone(), CacheOutcome::Hit));
                 }
-                self.fetch(upstream, repo, &d.to_string(), Some(d), None)
+                self.fetch(upstream, repo, &d.to_string(), Some(d), None, cx)
                     .await
             }
-            Reference::Tag(tag) => self.resolve_tag(upstream, repo, tag).await,
+            Reference::Tag(tag) => self.resolve_tag(upstream, repo, tag, cx).await,
         }
     }
 
@@ -300,6 +346,7 @@ impl Ctx {
         upstream: UpstreamId,
         repo: &str,
         tag: &str,
+        cx: &TraceCx,
     ) -> Result<ManifestAnswer, EngineError> {
         let name = self.name(upstream);
         let entry = self
@@ -315,7 +362,7 @@ impl Ctx {
             None => None,
         };
         let Some((digest, rec)) = cached else {
-            return self.fetch(upstream, repo, tag, None, Some(tag)).await;
+            return self.fetch(upstream, repo, tag, None, Some(tag), cx).await;
         };
         let checked_ms = entry.map(|e| e.checked_ms).unwrap_or(0);
         let now = self.clock.now_ms();
@@ -338,7 +385,7 @@ impl Ctx {
             }
         }
         // Ask the upstream with a HEAD.
-        match self.upstreams.manifest(upstream, repo, tag, true).await {
+        match self.upstreams.manifest(upstream, repo, tag, true, cx).await {
             Ok(UpstreamManifest {
                 digest: Some(d), ..
             }) if d == digest => {
@@ -357,11 +404,11 @@ impl Ctx {
                     self.put_tag(upstream, repo, tag, &d, now, true).await?;
                     return Ok(answer(newrec, d, CacheOutcome::Revalidated));
                 }
-                self.fetch(upstream, repo, &d.to_string(), Some(&d), Some(tag))
+                self.fetch(upstream, repo, &d.to_string(), Some(&d), Some(tag), cx)
                     .await
             }
             // A HEAD without a digest: only a GET can tell.
-            Ok(_) => self.fetch(upstream, repo, tag, None, Some(tag)).await,
+            Ok(_) => self.fetch(upstream, repo, tag, None, Some(tag), cx).await,
             Err(e) if e.is_unavailable() => {
                 self.stale(upstream, repo, tag, rec, digest, stale_ms, &e.to_string())
             }
@@ -426,6 +473,7 @@ impl Ctx {
         reference: &str,
         expected: Option<&Digest>,
         tag: Option<&str>,
+        cx: &TraceCx,
     ) -> Result<ManifestAnswer, EngineError> {
         let object = Object::Manifest {
             repo: repo.into(),
@@ -434,7 +482,7 @@ impl Ctx {
         self.down(upstream)?;
         let um = self
             .upstreams
-            .manifest(upstream, repo, reference, false)
+            .manifest(upstream, repo, reference, false, cx)
             .await
             .map_err(|e| EngineError::from_upstream(e, object.clone()))?;
         let bytes = um.bytes.clone().unwrap_or_default();
@@ -498,7 +546,12 @@ impl Ctx {
         })
     }
 
-    async fn tag_list(&self, upstream: UpstreamId, repo: &str) -> Result<Vec<String>, EngineError> {
+    async fn tag_list(
+        &self,
+        upstream: UpstreamId,
+        repo: &str,
+        cx: &TraceCx,
+    ) -> Result<Vec<String>, EngineError> {
         let mut all = Vec::new();
         let mut last: Option<String> = None;
         if self.health.is_down(upstream) {
@@ -519,7 +572,7 @@ impl Ctx {
         for _ in 0..100 {
             match self
                 .upstreams
-                .tags(upstream, repo, Some(1000), last.clone())
+                .tags(upstream, repo, Some(1000), last.clone(), cx)
                 .await
             {
                 Ok(page) => {
@@ -584,6 +637,7 @@ impl ManifestsHandle {
         upstream: UpstreamId,
         repo: &str,
         reference: Reference,
+        cx: &TraceCx,
     ) -> Result<ManifestAnswer, EngineError> {
         self.mailbox.sent();
         self.addr
@@ -591,16 +645,23 @@ impl ManifestsHandle {
                 upstream,
                 repo: repo.into(),
                 reference,
+                cx: cx.clone(),
             })
             .await?
     }
 
-    pub async fn tags(&self, upstream: UpstreamId, repo: &str) -> Result<Vec<String>, EngineError> {
+    pub async fn tags(
+        &self,
+        upstream: UpstreamId,
+        repo: &str,
+        cx: &TraceCx,
+    ) -> Result<Vec<String>, EngineError> {
         self.mailbox.sent();
         self.addr
             .send(TagList {
                 upstream,
                 repo: repo.into(),
+                cx: cx.clone(),
             })
             .await?
     }

@@ -86,7 +86,7 @@ pub enum EvictReason {
 }
 
 impl EvictReason {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             EvictReason::HighWatermark => "high_watermark",
             EvictReason::DiskFull => "disk_full",

@@ -35,7 +35,7 @@ pub async fn serve(
         let size = state
             .engine
             .blobs
-            .stat(routed.upstream, &routed.repo, &digest)
+            .stat(routed.upstream, &routed.repo, &digest, &routed.cx)
             .await?;
         return Ok(head_response(&mut r, size));
     }
@@ -47,7 +47,7 @@ pub async fn serve(
     let mut body = state
         .engine
         .blobs
-        .open(routed.upstream, &routed.repo, &digest)
+        .open(routed.upstream, &routed.repo, &digest, &routed.cx)
         .await?;
     let record = AccessRecord::of(req);
     if let Some(r) = &record {

@@ -27,7 +27,7 @@ pub async fn serve(
     let answer = state
         .engine
         .manifests
-        .resolve(routed.upstream, &routed.repo, reference.clone())
+        .resolve(routed.upstream, &routed.repo, reference.clone(), &routed.cx)
         .await?;
     let accept: Vec<&str> = req
         .headers()

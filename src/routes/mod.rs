@@ -15,6 +15,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use oci_spec::distribution::ErrorCode;
 use pullcache_actors::reference::{validate_name, MAX_NAME_LEN};
+use pullcache_actors::trace::{kv, Context as TraceCx, Step};
 use pullcache_actors::{Engine, UpstreamId, UpstreamSettings};
 
 use crate::error::ApiError;
@@ -74,11 +75,15 @@ pub fn parse_endpoint(rest: &str) -> Option<Endpoint<'_>> {
 }
 
 /// Where a repository name is served from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Routed {
     pub upstream: UpstreamId,
     /// The repository name on the upstream (prefix stripped, `library/` added).
     pub repo: String,
+    /// How the upstream was chosen: `ns`, `prefix` or `default`.
+    pub via: &'static str,
+    /// The request's trace (its server span), for the engine's spans.
+    pub cx: TraceCx,
 }
 
 /// The upstream routing table, built once from the configuration.
@@ -101,7 +106,7 @@ impl Router {
     /// Picks the upstream for a (validated) client-side name: `ns=` first, then a path
     /// prefix, then the default upstream.
     pub fn route(&self, name: &str, ns: Option<&str>) -> Result<Routed, ApiError> {
-        let (upstream, repo) = if let Some(ns) = ns {
+        let (upstream, repo, via) = if let Some(ns) = ns {
             let i = self
                 .upstreams
                 .iter()
@@ -109,11 +114,11 @@ impl Router {
                 .ok_or_else(|| {
                     ApiError::name_unknown(format!("no upstream is configured for ns={ns}"))
                 })?;
-            (UpstreamId::new(i), name)
+            (UpstreamId::new(i), name, "ns")
         } else if let Some((i, rest)) = self.by_prefix(name) {
-            (i, rest)
+            (i, rest, "prefix")
         } else if let Some(i) = self.default {
-            (i, name)
+            (i, name, "default")
         } else {
             return Err(ApiError::name_unknown(format!(
                 "repository {name} matches no upstream: use a configured path prefix, ?ns=<registry>, or configure a default upstream"
@@ -131,7 +136,12 @@ impl Router {
                 "repository name too long",
             ));
         }
-        Ok(Routed { upstream, repo })
+        Ok(Routed {
+            upstream,
+            repo,
+            via,
+            cx: TraceCx::current(),
+        })
     }
 
     /// `<prefix>/<rest>` for a configured prefix. For the default upstream's own prefix the
@@ -148,6 +158,11 @@ impl Router {
             return None;
         }
         Some((i, rest))
+    }
+
+    /// The configured name of `upstream`.
+    pub fn name(&self, upstream: UpstreamId) -> &str {
+        &self.settings(upstream).name
     }
 
     fn settings(&self, upstream: UpstreamId) -> &UpstreamSettings {
@@ -217,6 +232,18 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     if let Some(r) = AccessRecord::of(&req) {
         r.routed(routed.upstream);
     }
+    // The choice, as a span of its own (ended at once: it is a decision, not work).
+    Step::child(&routed.cx, "route", || {
+        vec![
+            kv(
+                "pullcache.upstream",
+                state.router.name(routed.upstream).to_string(),
+            ),
+            kv("pullcache.route.via", routed.via),
+            kv("oci.repository", routed.repo.clone()),
+        ]
+    })
+    .end();
     match endpoint {
         Endpoint::Manifest { reference, .. } => {
             manifest::serve(&req, &state, &routed, reference, head).await

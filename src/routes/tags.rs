@@ -19,7 +19,7 @@ pub async fn list(
     let tags = state
         .engine
         .manifests
-        .tags(routed.upstream, &routed.repo)
+        .tags(routed.upstream, &routed.repo, &routed.cx)
         .await?;
     let (page, next) = paginate(tags, n, q.last.as_deref());
     let mut r = HttpResponse::Ok();

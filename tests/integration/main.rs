@@ -11,4 +11,5 @@ mod cache_policy;
 mod manifests;
 mod observability;
 mod restart;
+mod traces;
 mod zero_copy;

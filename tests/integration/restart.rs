@@ -1,46 +1,15 @@
 //! Data survives a restart of the real binary; leftovers of an interrupted download are
 //! removed at start.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
 
 use crate::common::*;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_daemon(config: &std::path::Path, port: u16) -> Daemon {
-    let child = Command::new(env!("CARGO_BIN_EXE_pullcache"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pullcache");
-    let d = Daemon(child);
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return d;
-        }
-        actix_rt::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("pullcache did not start listening");
+    Daemon::start(config, port, &[], None).await
 }
 
 #[actix_rt::test]

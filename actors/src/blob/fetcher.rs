@@ -33,6 +33,7 @@ use crate::metrics::{ActorName, CacheOutcome, Held, Mailbox, Metrics};
 use crate::recovery::{self, Pending};
 use crate::settings::{UpstreamId, UpstreamNames};
 use crate::store::BlobStore;
+use crate::trace::{self, kv, Context as TraceCx, Step};
 use crate::upstream::UpstreamHandle;
 
 /// Open a blob for reading: from the store, by joining a fill, or by starting one.
@@ -42,6 +43,8 @@ pub struct OpenBlob {
     pub upstream: UpstreamId,
     pub repo: String,
     pub digest: Digest,
+    /// The request's trace.
+    pub cx: TraceCx,
 }
 
 /// The size of a blob, without downloading it.
@@ -51,6 +54,7 @@ pub struct StatBlob {
     pub upstream: UpstreamId,
     pub repo: String,
     pub digest: Digest,
+    pub cx: TraceCx,
 }
 
 /// Counts of finished fills by outcome name ([`FillOutcome::name`]).
@@ -63,6 +67,10 @@ struct InFlight {
     state: watch::Receiver<FillState>,
     /// The repository the download was started for (its upstream request's path).
     repo: String,
+    /// The fill's span, ended when the fill leaves the table.
+    step: Step,
+    /// The trace of the request that started it (what a joining request's span names).
+    leader: String,
 }
 
 /// What the blob fetcher works with.
@@ -152,7 +160,7 @@ impl BlobFetcher {
     /// The fill for `key` if it can still deliver. A failed or abandoned fill whose writer
     /// has not yet reported back is dropped here, so a new request starts afresh instead of
     /// inheriting the failure.
-    fn live_fill(&mut self, key: &FillKey) -> Option<BlobBody> {
+    fn live_fill(&mut self, key: &FillKey, cx: &TraceCx) -> Option<BlobBody> {
         let f = self.inflight.get(key)?;
         if matches!(
             &*f.state.borrow(),
@@ -163,6 +171,12 @@ impl BlobFetcher {
             return None;
         }
         let (state, repo) = (f.state.clone(), f.repo.clone());
+        let _joined = Step::child(cx, "blob.coalesce", || {
+            vec![
+                kv("oci.digest", key.1.to_string()),
+                kv("pullcache.coalesce.leader_trace_id", f.leader.clone()),
+            ]
+        });
         Some(self.filling(state, repo, CacheOutcome::Coalesced))
     }
 
@@ -172,7 +186,15 @@ impl BlobFetcher {
         ctx: &mut Context<Self>,
         key: FillKey,
         repo: String,
+        cx: &TraceCx,
     ) -> Result<BlobBody, EngineError> {
+        let step = Step::child(cx, "blob.fill", || {
+            vec![
+                kv("pullcache.upstream", self.d.names.name(key.0).to_string()),
+                kv("oci.repository", repo.clone()),
+                kv("oci.digest", key.1.to_string()),
+            ]
+        });
         let (state_tx, state_rx) = watch::channel(FillState::Connecting);
         let (events_tx, events_rx) = mpsc::channel(FILL_CHANNEL);
         self.next_id += 1;
@@ -186,13 +208,14 @@ impl BlobFetcher {
             disk: self.d.disk.clone(),
             report: ctx.address().recipient(),
             mismatches: self.d.metrics.upstream(key.0).digest_mismatch.clone(),
+            trace: step.cx().clone(),
         };
         writer
             .spawn(events_rx, state_tx)
             .map_err(|e| EngineError::storage("starting a download thread", e))?;
         self.d
             .upstreams
-            .start_download(key.0, &repo, &key.1, events_tx);
+            .start_download(key.0, &repo, &key.1, events_tx, step.cx());
         tracing::info!(upstream = %self.d.names.name(key.0), repo = %repo, digest = %key.1, "blob fill started");
         self.inflight.insert(
             key,
@@ -200,6 +223,8 @@ impl BlobFetcher {
                 id,
                 state: state_rx.clone(),
                 repo: repo.clone(),
+                leader: trace::trace_id(cx),
+                step,
             },
         );
         self.table_changed();
@@ -215,9 +240,10 @@ async fn confirm_and_link(
     upstream: UpstreamId,
     repo: &str,
     digest: &Digest,
+    cx: &TraceCx,
 ) -> Result<(), EngineError> {
     d.upstreams
-        .head_blob(upstream, repo, digest)
+        .head_blob(upstream, repo, digest, cx)
         .await
         .map_err(|e| EngineError::from_upstream(e, Object::Blob(digest.clone())))?;
     d.meta
@@ -268,6 +294,7 @@ async fn lookup_cached(
     upstream: UpstreamId,
     repo: String,
     digest: Digest,
+    cx: TraceCx,
 ) -> Result<Lookup, EngineError> {
     let l = lookup_record(&d, upstream, &digest).await?;
     let Some(recorded) = l.record.as_ref().map(|r| r.size) else {
@@ -282,7 +309,7 @@ async fn lookup_cached(
         Some((f, size)) if size == recorded => (f, size),
         other => {
             // Missing, or its length disagrees with the record (damaged): never serve it.
-            tracing::warn!(digest = %digest, on_disk = ?other.as_ref().map(|o| o.1), recorded, "stored blob missing or damaged; fetching again");
+            tracing::warn!(digest = %digest, missing = other.is_none(), on_disk = other.as_ref().map_or(0, |o| o.1), recorded, "stored blob missing or damaged; fetching again");
             if other.is_some() {
                 let (dd, dg) = (d.clone(), digest.clone());
                 let _ = tokio::task::spawn_blocking(move || dd.store.remove_blob(&dg)).await;
@@ -292,7 +319,7 @@ async fn lookup_cached(
         }
     };
     if !l.linked {
-        confirm_and_link(&d, upstream, &repo, &digest).await?;
+        confirm_and_link(&d, upstream, &repo, &digest, &cx).await?;
     }
     d.meta.tell(TouchBlob {
         digest,
@@ -307,45 +334,68 @@ impl Handler<OpenBlob> for BlobFetcher {
     fn handle(&mut self, m: OpenBlob, _: &mut Self::Context) -> Self::Result {
         self.mailbox.taken();
         let key = (m.upstream, m.digest.clone());
-        if let Some(body) = self.live_fill(&key) {
+        let step = Step::child(&m.cx, "blob.lookup", || {
+            vec![
+                kv(
+                    "pullcache.upstream",
+                    self.d.names.name(m.upstream).to_string(),
+                ),
+                kv("oci.repository", m.repo.clone()),
+                kv("oci.digest", m.digest.to_string()),
+            ]
+        });
+        let outcome = |s: &Step, o: CacheOutcome| s.set(|| vec![kv("cache.outcome", o.as_str())]);
+        if let Some(body) = self.live_fill(&key, step.cx()) {
+            outcome(&step, CacheOutcome::Coalesced);
             return Box::pin(fut::ready(Ok(body)));
         }
-        let lookup = lookup_cached(self.d.clone(), m.upstream, m.repo.clone(), m.digest);
+        let lookup = lookup_cached(
+            self.d.clone(),
+            m.upstream,
+            m.repo.clone(),
+            m.digest,
+            step.cx().clone(),
+        );
         let repo = m.repo;
         // The lookup awaits: the table may have changed meanwhile, so look again after it.
-        Box::pin(
-            lookup
-                .into_actor(self)
-                .map(move |res, act, ctx| match res? {
-                    Lookup::Cached(file, size) => {
-                        Ok(act.body(Source::Cached { file, size }, CacheOutcome::Hit))
-                    }
-                    Lookup::Missing => {
-                        if let Some(body) = act.live_fill(&key) {
-                            return Ok(body);
-                        }
-                        if act.d.health.is_down(key.0) {
-                            return Err(EngineError::UpstreamDown(
-                                act.d.names.name(key.0).to_string(),
-                            ));
-                        }
-                        if act.d.disk.is_full(act.d.clock.now_ms()) {
-                            let (tx, rx) = mpsc::channel(FILL_CHANNEL);
-                            act.d.upstreams.start_download(key.0, &repo, &key.1, tx);
-                            return Ok(act.body(
-                                Source::Direct {
-                                    events: rx,
-                                    total: None,
-                                    digest: key.1,
-                                    wait: act.d.wait,
-                                },
-                                CacheOutcome::Miss,
-                            ));
-                        }
-                        act.start_fill(ctx, key, repo)
-                    }
-                }),
-        )
+        Box::pin(lookup.into_actor(self).map(move |res, act, ctx| match res {
+            Err(e) => {
+                step.fail(&e);
+                Err(e)
+            }
+            Ok(Lookup::Cached(file, size)) => {
+                outcome(&step, CacheOutcome::Hit);
+                Ok(act.body(Source::Cached { file, size }, CacheOutcome::Hit))
+            }
+            Ok(Lookup::Missing) => {
+                if let Some(body) = act.live_fill(&key, step.cx()) {
+                    outcome(&step, CacheOutcome::Coalesced);
+                    return Ok(body);
+                }
+                outcome(&step, CacheOutcome::Miss);
+                if act.d.health.is_down(key.0) {
+                    return Err(EngineError::UpstreamDown(
+                        act.d.names.name(key.0).to_string(),
+                    ));
+                }
+                if act.d.disk.is_full(act.d.clock.now_ms()) {
+                    let (tx, rx) = mpsc::channel(FILL_CHANNEL);
+                    act.d
+                        .upstreams
+                        .start_download(key.0, &repo, &key.1, tx, step.cx());
+                    return Ok(act.body(
+                        Source::Direct {
+                            events: rx,
+                            total: None,
+                            digest: key.1,
+                            wait: act.d.wait,
+                        },
+                        CacheOutcome::Miss,
+                    ));
+                }
+                act.start_fill(ctx, key, repo, step.cx())
+            }
+        }))
     }
 }
 
@@ -371,13 +421,13 @@ impl Handler<StatBlob> for BlobFetcher {
             match l.record {
                 Some(rec) if l.linked => Ok(rec.size),
                 Some(rec) => {
-                    confirm_and_link(&d, m.upstream, &m.repo, &m.digest).await?;
+                    confirm_and_link(&d, m.upstream, &m.repo, &m.digest, &m.cx).await?;
                     Ok(rec.size)
                 }
                 None if down => Err(EngineError::UpstreamDown(name)),
                 None => d
                     .upstreams
-                    .head_blob(m.upstream, &m.repo, &m.digest)
+                    .head_blob(m.upstream, &m.repo, &m.digest, &m.cx)
                     .await
                     .map_err(|e| EngineError::from_upstream(e, Object::Blob(m.digest))),
             }
@@ -426,7 +476,10 @@ impl BlobFetcher {
     /// The fill is over: out of the table (unless a newer one took its place), counted.
     fn finish(&mut self, m: &FillFinished) {
         if self.inflight.get(&m.key).is_some_and(|f| f.id == m.id) {
-            self.inflight.remove(&m.key);
+            if let Some(f) = self.inflight.remove(&m.key) {
+                f.step
+                    .set(|| vec![kv("pullcache.fill.outcome", m.outcome.name())]);
+            }
             self.table_changed();
         }
         *self.outcomes.entry(m.outcome.name()).or_default() += 1;

@@ -37,6 +37,7 @@ use crate::digest::{Digest, Hasher};
 use crate::error::{EngineError, Object, UpstreamError};
 use crate::settings::UpstreamId;
 use crate::store::{self, BlobStore};
+use crate::trace::{kv, Step};
 use crate::upstream::DownloadEvent;
 
 /// Batches buffered between the upstream reader and the fill writer (and between the
@@ -222,6 +223,8 @@ pub struct FillWriter {
     pub report: Recipient<FillFinished>,
     /// `pullcache_digest_mismatch_total` of the upstream.
     pub mismatches: prometheus::IntCounter,
+    /// The fill's span: verification and the commit are its children.
+    pub trace: crate::trace::Context,
 }
 
 /// What a fill has on disk so far.
@@ -398,10 +401,18 @@ impl FillWriter {
         if let Some(t) = temp.total.filter(|t| *t != written) {
             return g.fail(self.protocol(format!("body ended after {written} of {t} bytes")));
         }
+        let verify = Step::child(&self.trace, "blob.verify", || {
+            vec![
+                kv("oci.digest", digest.to_string()),
+                kv("pullcache.bytes", written as i64),
+            ]
+        });
         let Some(actual) = hasher.finish() else {
             return g.fail(EngineError::Internal("the hashing thread died"));
         };
+        verify.set(|| vec![kv("pullcache.digest.match", &actual == digest)]);
         if &actual != digest {
+            verify.fail(&format!("digest mismatch: the bytes hash to {actual}"));
             self.mismatches.inc();
             tracing::error!(expected = %digest, actual = %actual, upstream = %self.upstream_name, "upstream blob does not match its digest; discarded");
             return g.fail(EngineError::DigestMismatch {
@@ -413,6 +424,10 @@ impl FillWriter {
         // that has the whole blob finds it again after a crash of this process; then the
         // last byte; then the fsyncs (a power loss before them leaves an unrecorded file,
         // which the next start re-hashes).
+        verify.end();
+        let commit = Step::child(&self.trace, "blob.commit", || {
+            vec![kv("oci.digest", digest.to_string())]
+        });
         let placed = self.store.place(&temp.path, digest);
         if placed.is_ok() {
             g.tmp = None;
@@ -430,6 +445,7 @@ impl FillWriter {
             Ok(()) => FillOutcome::Stored { size: written },
             Err(e) => {
                 let disk_full = store::is_disk_full(&e);
+                commit.fail(&e);
                 if disk_full {
                     self.disk.mark_full(self.clock.now_ms(), &e.to_string());
                 } else {

@@ -16,6 +16,7 @@ use crate::digest::Digest;
 use crate::error::{EngineError, Object};
 use crate::metrics::Mailbox;
 use crate::settings::UpstreamId;
+use crate::trace::Context as TraceCx;
 use crate::upstream::DownloadEvent;
 
 #[derive(Clone)]
@@ -35,6 +36,7 @@ impl BlobsHandle {
         upstream: UpstreamId,
         repo: &str,
         digest: &Digest,
+        cx: &TraceCx,
     ) -> Result<BlobBody, EngineError> {
         for attempt in 0..2 {
             self.mailbox.sent();
@@ -44,6 +46,7 @@ impl BlobsHandle {
                     upstream,
                     repo: repo.into(),
                     digest: digest.clone(),
+                    cx: cx.clone(),
                 })
                 .await??;
             let BlobBody {
@@ -152,6 +155,7 @@ impl BlobsHandle {
         upstream: UpstreamId,
         repo: &str,
         digest: &Digest,
+        cx: &TraceCx,
     ) -> Result<u64, EngineError> {
         self.mailbox.sent();
         self.addr
@@ -159,6 +163,7 @@ impl BlobsHandle {
                 upstream,
                 repo: repo.into(),
                 digest: digest.clone(),
+                cx: cx.clone(),
             })
             .await?
     }

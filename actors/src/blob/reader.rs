@@ -454,7 +454,7 @@ impl DirectReader {
                     if actual.as_ref() != Some(&self.digest)
                         || self.total.is_some_and(|t| t != size)
                     {
-                        tracing::error!(expected = %self.digest, actual = ?actual, "upstream blob does not match its digest; connection aborted");
+                        tracing::error!(expected = %self.digest, actual = %actual.as_ref().map(|a| a.to_string()).unwrap_or_default(), "upstream blob does not match its digest; connection aborted");
                         return self.fail(io::Error::other("blob does not match its digest"));
                     }
                     self.done = true;

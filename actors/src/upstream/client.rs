@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use awc::http::{header, Method, StatusCode};
 use awc::ClientResponse;
+use opentelemetry_instrumentation_actix_web::ClientExt;
 use url::Url;
 
 use super::{parse_ratelimit, Quota};
@@ -16,6 +17,7 @@ use crate::clock::Clock;
 use crate::error::UpstreamError;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::settings::{UpstreamId, UpstreamSettings};
+use crate::trace::{kv, Context, Step};
 
 /// Manifests larger than this are refused (what Distribution and containers/image accept).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -61,6 +63,9 @@ impl Conn {
                 header::USER_AGENT,
                 concat!("pullcache/", env!("CARGO_PKG_VERSION")),
             ))
+            // The bytes as the upstream stores them: awc is built with decompression (the
+            // tracing instrumentation turns it on), and blobs are verified as sent.
+            .add_default_header((header::ACCEPT_ENCODING, "identity"))
             .finish();
         Conn {
             settings,
@@ -115,6 +120,8 @@ impl Conn {
 }
 
 struct Req<'a> {
+    /// The trace the request belongs to (its client span is a child of this).
+    cx: &'a Context,
     method: Method,
     url: String,
     scope: Option<String>,
@@ -125,8 +132,15 @@ struct Req<'a> {
 
 impl<'a> Req<'a> {
     /// A request about `repo` (its pull scope for tokens), following redirects.
-    fn pull(method: Method, url: String, repo: &str, accept: Option<&'a str>) -> Req<'a> {
+    fn pull(
+        method: Method,
+        url: String,
+        repo: &str,
+        accept: Option<&'a str>,
+        cx: &'a Context,
+    ) -> Req<'a> {
         Req {
+            cx,
             method,
             url,
             scope: Some(pull_scope(repo)),
@@ -215,7 +229,7 @@ impl Conn {
     /// using Basic credentials) and follows redirects when asked.
     async fn send(&self, req: Req<'_>) -> Result<ClientResponse, UpstreamError> {
         let scope = req.scope.clone().unwrap_or_default();
-        let mut authz = self.known_authorization(&scope).await?;
+        let mut authz = self.known_authorization(&scope, req.cx).await?;
         let mut answered_challenge = false;
         let mut retried_redirect = false;
         loop {
@@ -252,7 +266,7 @@ impl Conn {
             answered_challenge = true;
             *self.challenge.borrow_mut() = challenge;
             self.tokens.borrow_mut().remove(&scope);
-            authz = self.known_authorization(&scope).await?;
+            authz = self.known_authorization(&scope, req.cx).await?;
             if authz.is_none() {
                 return Err(UpstreamError::Unauthorized {
                     upstream: self.name(),
@@ -264,7 +278,11 @@ impl Conn {
 
     /// The `Authorization` value for `scope` given the challenge seen so far, fetching a
     /// token if needed.
-    async fn known_authorization(&self, scope: &str) -> Result<Option<String>, UpstreamError> {
+    async fn known_authorization(
+        &self,
+        scope: &str,
+        cx: &Context,
+    ) -> Result<Option<String>, UpstreamError> {
         let challenge = self.challenge.borrow().clone();
         match challenge {
             None => Ok(None),
@@ -275,7 +293,19 @@ impl Conn {
                 if let Some(t) = self.tokens.borrow().get(scope, Instant::now()) {
                     return Ok(Some(format!("Bearer {t}")));
                 }
-                let (token, lifetime) = self.fetch_token(&realm, service.as_deref(), scope).await?;
+                let step = Step::child(cx, "upstream.token", || {
+                    vec![
+                        kv("pullcache.upstream", self.settings.name.clone()),
+                        kv("pullcache.token.scope", scope.to_string()),
+                    ]
+                });
+                let fetched = self
+                    .fetch_token(&realm, service.as_deref(), scope, step.cx())
+                    .await;
+                if let Err(e) = &fetched {
+                    step.fail(e);
+                }
+                let (token, lifetime) = fetched?;
                 self.tokens
                     .borrow_mut()
                     .insert(scope, token.clone(), lifetime, Instant::now());
@@ -289,6 +319,7 @@ impl Conn {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        cx: &Context,
     ) -> Result<(String, Duration), UpstreamError> {
         let mut url =
             Url::parse(realm).map_err(|_| self.protocol("token realm is not a URL".into()))?;
@@ -322,7 +353,8 @@ impl Conn {
             }
             self.metrics().token_fetches.inc();
             let sent = Instant::now();
-            let res = tokio::time::timeout(self.settings.response_timeout, r.send()).await;
+            let send = traced(r, cx);
+            let res = tokio::time::timeout(self.settings.response_timeout, send).await;
             let code = match &res {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
                 _ => None,
@@ -411,7 +443,8 @@ impl Conn {
                 r = r.insert_header((header::RANGE, range.as_str()));
             }
             let sent = Instant::now();
-            let res = tokio::time::timeout(self.settings.response_timeout, r.send()).await;
+            let send = traced(r, req.cx);
+            let res = tokio::time::timeout(self.settings.response_timeout, send).await;
             let code = match &res {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
                 _ => None,
@@ -484,6 +517,18 @@ impl Conn {
             },
         }
     }
+}
+
+/// Sends `r` with a client span under `cx` and the `traceparent` header (the awc
+/// instrumentation), as an ordinary [`ClientResponse`].
+async fn traced(
+    r: awc::ClientRequest,
+    cx: &Context,
+) -> Result<ClientResponse, awc::error::SendRequestError> {
+    let resp = r.trace_request_with_context(cx.clone()).send().await?;
+    Ok(resp.map_body(|_, body| actix_http::Payload::Stream {
+        payload: Box::pin(body) as actix_http::BoxedPayloadStream,
+    }))
 }
 
 fn retryable(e: &awc::error::SendRequestError) -> bool {

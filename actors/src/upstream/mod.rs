@@ -28,6 +28,7 @@ use crate::digest::Digest;
 use crate::error::UpstreamError;
 use crate::metrics::{ActorName, Mailbox, Metrics};
 use crate::settings::{UpstreamId, UpstreamNames, UpstreamSettings};
+use crate::trace::Context as TraceCx;
 use client::Conn;
 
 pub use client::MAX_MANIFEST_BYTES;
@@ -166,6 +167,7 @@ pub struct FetchManifest {
     pub repo: String,
     pub reference: String,
     pub head: bool,
+    pub cx: TraceCx,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +187,7 @@ pub struct HeadBlob {
     pub upstream: UpstreamId,
     pub repo: String,
     pub digest: Digest,
+    pub cx: TraceCx,
 }
 
 /// Start downloading a blob; events go to `sink` until `End` or `Failed`.
@@ -195,6 +198,7 @@ pub struct StartDownload {
     pub repo: String,
     pub digest: Digest,
     pub sink: mpsc::Sender<DownloadEvent>,
+    pub cx: TraceCx,
 }
 
 /// One page of an upstream tag list.
@@ -205,6 +209,7 @@ pub struct FetchTags {
     pub repo: String,
     pub n: Option<u32>,
     pub last: Option<String>,
+    pub cx: TraceCx,
 }
 
 #[derive(Debug, Clone)]
@@ -218,7 +223,10 @@ impl Handler<FetchManifest> for Upstreams {
     type Result = ResponseFuture<Result<UpstreamManifest, UpstreamError>>;
     fn handle(&mut self, m: FetchManifest, _: &mut Self::Context) -> Self::Result {
         let conn = self.conn(m.upstream);
-        Box::pin(async move { conn.fetch_manifest(&m.repo, &m.reference, m.head).await })
+        Box::pin(async move {
+            conn.fetch_manifest(&m.repo, &m.reference, m.head, &m.cx)
+                .await
+        })
     }
 }
 
@@ -226,7 +234,7 @@ impl Handler<HeadBlob> for Upstreams {
     type Result = ResponseFuture<Result<u64, UpstreamError>>;
     fn handle(&mut self, m: HeadBlob, _: &mut Self::Context) -> Self::Result {
         let conn = self.conn(m.upstream);
-        Box::pin(async move { conn.head_blob(&m.repo, &m.digest).await })
+        Box::pin(async move { conn.head_blob(&m.repo, &m.digest, &m.cx).await })
     }
 }
 
@@ -236,7 +244,7 @@ impl Handler<StartDownload> for Upstreams {
         let conn = self.conn(m.upstream);
         // Runs on this arbiter independently of whoever asked: a client that goes away does
         // not stop the download.
-        actix_rt::spawn(async move { conn.download(&m.repo, &m.digest, m.sink).await });
+        actix_rt::spawn(async move { conn.download(&m.repo, &m.digest, m.sink, &m.cx).await });
     }
 }
 
@@ -274,7 +282,10 @@ impl Handler<FetchTags> for Upstreams {
     type Result = ResponseFuture<Result<TagsPage, UpstreamError>>;
     fn handle(&mut self, m: FetchTags, _: &mut Self::Context) -> Self::Result {
         let conn = self.conn(m.upstream);
-        Box::pin(async move { conn.fetch_tags(&m.repo, m.n, m.last.as_deref()).await })
+        Box::pin(async move {
+            conn.fetch_tags(&m.repo, m.n, m.last.as_deref(), &m.cx)
+                .await
+        })
     }
 }
 
@@ -304,6 +315,7 @@ impl UpstreamHandle {
         repo: &str,
         reference: &str,
         head: bool,
+        cx: &TraceCx,
     ) -> Result<UpstreamManifest, UpstreamError> {
         self.mailbox.sent();
         self.addr
@@ -312,6 +324,7 @@ impl UpstreamHandle {
                 repo: repo.into(),
                 reference: reference.into(),
                 head,
+                cx: cx.clone(),
             })
             .await
             .map_err(self.gone(upstream))?
@@ -322,6 +335,7 @@ impl UpstreamHandle {
         upstream: UpstreamId,
         repo: &str,
         digest: &Digest,
+        cx: &TraceCx,
     ) -> Result<u64, UpstreamError> {
         self.mailbox.sent();
         self.addr
@@ -329,6 +343,7 @@ impl UpstreamHandle {
                 upstream,
                 repo: repo.into(),
                 digest: digest.clone(),
+                cx: cx.clone(),
             })
             .await
             .map_err(self.gone(upstream))?
@@ -340,6 +355,7 @@ impl UpstreamHandle {
         repo: &str,
         digest: &Digest,
         sink: mpsc::Sender<DownloadEvent>,
+        cx: &TraceCx,
     ) {
         self.mailbox.sent();
         self.addr.do_send(StartDownload {
@@ -347,6 +363,7 @@ impl UpstreamHandle {
             repo: repo.into(),
             digest: digest.clone(),
             sink,
+            cx: cx.clone(),
         });
     }
 
@@ -369,6 +386,7 @@ impl UpstreamHandle {
         repo: &str,
         n: Option<u32>,
         last: Option<String>,
+        cx: &TraceCx,
     ) -> Result<TagsPage, UpstreamError> {
         self.mailbox.sent();
         self.addr
@@ -377,6 +395,7 @@ impl UpstreamHandle {
                 repo: repo.into(),
                 n,
                 last,
+                cx: cx.clone(),
             })
             .await
             .map_err(self.gone(upstream))?

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,6 +59,8 @@ pub struct Counts {
     pub cdn_with_authorization: AtomicU64,
     pub unauthorized: AtomicU64,
     pub tags: AtomicU64,
+    /// The `traceparent` header of every request that had one.
+    pub traceparents: Mutex<Vec<String>>,
 }
 
 impl Counts {
@@ -292,6 +296,13 @@ fn oci_error(status: StatusCode, code: &str) -> HttpResponse {
 
 async fn registry(req: HttpRequest, s: web::Data<Shared>) -> HttpResponse {
     let path = req.uri().path().to_string();
+    if let Some(tp) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        s.counts.traceparents.lock().unwrap().push(tp.to_string());
+    }
     if path == "/token" {
         s.counts.token.fetch_add(1, Ordering::SeqCst);
         let scope = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
@@ -580,6 +591,58 @@ impl Pullcache {
             .map(|d| d.count())
             .unwrap_or(0)
     }
+}
+
+/// The real `pullcache` binary, killed when dropped.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `pullcache serve --config <config>` with `env` added and its stderr written
+    /// to `stderr` (or discarded), and waits until `port` accepts connections.
+    pub async fn start(
+        config: &std::path::Path,
+        port: u16,
+        env: &[(&str, &str)],
+        stderr: Option<&std::path::Path>,
+    ) -> Daemon {
+        use std::process::{Command, Stdio};
+        let err = match stderr {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::null(),
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_pullcache"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start pullcache");
+        let d = Daemon(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return d;
+            }
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("pullcache did not start listening");
+    }
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn client() -> awc::Client {

@@ -47,6 +47,7 @@ impl Rig {
             disk: Arc::new(DiskState::default()),
             report,
             mismatches: prometheus::IntCounter::new("m", "m").unwrap(),
+            trace: crate::trace::Context::new(),
         }
         .spawn(events, state_tx)
         .unwrap();

@@ -13,6 +13,7 @@ use crate::digest::Digest;
 use crate::error::UpstreamError;
 use crate::metrics::Kind;
 use crate::oci::media_types;
+use crate::trace::{kv, Context, Step};
 use crate::upstream::{DownloadEvent, TagsPage, UpstreamManifest};
 
 impl Conn {
@@ -21,12 +22,13 @@ impl Conn {
         repo: &str,
         reference: &str,
         head: bool,
+        cx: &Context,
     ) -> Result<UpstreamManifest, UpstreamError> {
         let accept = media_types::ALL.join(", ");
         let method = if head { Method::HEAD } else { Method::GET };
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"));
         let mut resp = self
-            .send_ok(Req::pull(method, url, repo, Some(&accept)))
+            .send_ok(Req::pull(method, url, repo, Some(&accept), cx))
             .await?;
         let media_type = resp
             .headers()
@@ -68,10 +70,11 @@ impl Conn {
         &self,
         repo: &str,
         digest: &Digest,
+        cx: &Context,
     ) -> Result<u64, UpstreamError> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
         let mut resp = self
-            .send(Req::pull(Method::HEAD, url.clone(), repo, None))
+            .send(Req::pull(Method::HEAD, url.clone(), repo, None, cx))
             .await?;
         if resp.status() == StatusCode::OK {
             if let Some(len) = content_length(&resp) {
@@ -87,7 +90,7 @@ impl Conn {
         let mut resp = self
             .send(Req {
                 range: Some("bytes=0-0".into()),
-                ..Req::pull(Method::GET, url, repo, None)
+                ..Req::pull(Method::GET, url, repo, None, cx)
             })
             .await?;
         match resp.status() {
@@ -110,21 +113,38 @@ impl Conn {
         repo: &str,
         digest: &Digest,
         sink: mpsc::Sender<DownloadEvent>,
+        cx: &Context,
     ) {
+        let step = Step::child(cx, "upstream.download", || {
+            vec![
+                kv("pullcache.upstream", self.settings.name.clone()),
+                kv("oci.repository", repo.to_string()),
+                kv("oci.digest", digest.to_string()),
+            ]
+        });
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
-        let req = Req::pull(Method::GET, url, repo, None);
+        let req = Req::pull(Method::GET, url, repo, None, step.cx());
         let mut resp = match self.send(req).await {
             Ok(r) => r,
             Err(e) => {
+                step.fail(&e);
                 let _ = sink.send(DownloadEvent::Failed(e)).await;
                 return;
             }
         };
+        step.set(|| {
+            vec![kv(
+                "http.response.status_code",
+                resp.status().as_u16() as i64,
+            )]
+        });
         if resp.status() != StatusCode::OK {
             let e = self.status_error(&mut resp, false).await;
+            step.fail(&e);
             let _ = sink.send(DownloadEvent::Failed(e)).await;
             return;
         }
+        let mut received = 0u64;
         if sink
             .send(DownloadEvent::Headers {
                 total: content_length(&resp),
@@ -154,13 +174,18 @@ impl Conn {
                 }
             }
             let n: usize = pieces.iter().map(Bytes::len).sum();
+            received += n as u64;
             self.engine_metrics()
                 .pulled(self.id(), Kind::Blob, n as u64);
             if !pieces.is_empty() && sink.send(DownloadEvent::Chunk(pieces)).await.is_err() {
                 return;
             }
         }
+        step.set(|| vec![kv("pullcache.bytes", received as i64)]);
         if let Some(e) = end {
+            if let DownloadEvent::Failed(err) = &e {
+                step.fail(err);
+            }
             let _ = sink.send(e).await;
         }
     }
@@ -170,6 +195,7 @@ impl Conn {
         repo: &str,
         n: Option<u32>,
         last: Option<&str>,
+        cx: &Context,
     ) -> Result<TagsPage, UpstreamError> {
         let mut url = Url::parse(&self.url(&format!("/v2/{repo}/tags/list")))
             .map_err(|e| self.protocol(e.to_string()))?;
@@ -187,7 +213,13 @@ impl Conn {
             url.pop();
         }
         let mut resp = self
-            .send_ok(Req::pull(Method::GET, url, repo, Some("application/json")))
+            .send_ok(Req::pull(
+                Method::GET,
+                url,
+                repo,
+                Some("application/json"),
+                cx,
+            ))
             .await?;
         let more = resp
             .headers()

@@ -1,0 +1,258 @@
+//! Traces and access logs of the real binary: its spans are exported over OTLP/HTTP to a
+//! receiver in this test that decodes the protobuf (`common::otlp`), and its JSON log
+//! lines are read back. The tracer provider is process-global, so pullcache runs as its own
+//! process here.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+
+use crate::common::otlp::{start_receiver, CollectedSpan};
+use crate::common::*;
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+const WARM_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+fn traceparent(trace: &str, span: &str) -> String {
+    format!("00-{trace}-{span}-01")
+}
+
+/// The one span of `trace` named `name`.
+fn span<'a>(spans: &'a [CollectedSpan], trace: &str, name: &str) -> &'a CollectedSpan {
+    let found: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == trace && s.name == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {name} span in trace {trace}; spans: {:#?}",
+        names(spans, trace)
+    );
+    found[0]
+}
+
+fn names(spans: &[CollectedSpan], trace: &str) -> Vec<String> {
+    spans
+        .iter()
+        .filter(|s| s.trace_id == trace)
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+fn attr<'a>(s: &'a CollectedSpan, key: &str) -> &'a str {
+    s.attributes
+        .get(key)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("{} has no {key}: {:?}", s.name, s.attributes))
+}
+
+#[actix_rt::test]
+async fn a_cold_pull_is_one_trace_under_the_callers_and_a_warm_pull_is_short() {
+    let up = FakeUpstream::start();
+    up.knobs.require_token.store(true, Ordering::SeqCst);
+    let layer = data(950, 200_000);
+    let (_, digests) = up.add_image("library/traced", "v1", std::slice::from_ref(&layer));
+    let d = &digests[0];
+    let (receiver_addr, receiver) = start_receiver();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("pullcache.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [storage]\nroot = \"{}\"\n[log]\nformat = \"json\"\n\
+             [telemetry]\notlp_endpoint = \"http://{receiver_addr}\"\nservice_name = \"pullcache-test\"\n\
+             [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\
+             username = \"alice\"\npassword = \"pa55-not-in-logs\"\n",
+            dir.path().join("data").display(),
+            up.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let daemon = Daemon::start(
+        &cfg,
+        port,
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        Some(&log),
+    )
+    .await;
+    let base = format!("http://127.0.0.1:{port}");
+    let blob = format!("{base}/v2/traced/blobs/{d}");
+
+    // Cold, inside the caller's trace.
+    let tp = traceparent(TRACE, CALLER_SPAN);
+    let (st, _, body) = get(&blob, &[("traceparent", &tp)]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(&sha256(&body.unwrap()), d);
+    // Warm, in another trace.
+    for _ in 0..100 {
+        if std::fs::read_dir(dir.path().join("data/blobs/sha256"))
+            .map(|r| r.count() > 0)
+            .unwrap_or(false)
+        {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    let tp2 = traceparent(WARM_TRACE, CALLER_SPAN);
+    let (st, _, _) = get(&blob, &[("traceparent", &tp2)]).await;
+    assert_eq!(st, StatusCode::OK);
+
+    let want = [
+        "blob.lookup",
+        "blob.fill",
+        "upstream.download",
+        "upstream.token",
+        "blob.verify",
+        "blob.commit",
+    ];
+    let spans = receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            want.iter()
+                .all(|w| s.iter().any(|x| x.trace_id == TRACE && x.name == *w))
+                && s.iter()
+                    .any(|x| x.trace_id == WARM_TRACE && x.kind == "server")
+        })
+        .await;
+
+    // The caller's trace is kept: the server span's parent is the caller's span.
+    let server: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == TRACE && s.kind == "server")
+        .collect();
+    assert_eq!(server.len(), 1, "{:#?}", names(&spans, TRACE));
+    let server = server[0];
+    assert_eq!(server.parent_span_id, CALLER_SPAN);
+    assert_eq!(server.service_name, "pullcache-test");
+    assert_eq!(attr(server, "http.response.status_code"), "200");
+
+    let route = span(&spans, TRACE, "route");
+    assert_eq!(route.parent_span_id, server.span_id);
+    assert_eq!(attr(route, "pullcache.upstream"), "docker.io");
+    assert_eq!(attr(route, "pullcache.route.via"), "default");
+    assert_eq!(attr(route, "oci.repository"), "library/traced");
+
+    let lookup = span(&spans, TRACE, "blob.lookup");
+    assert_eq!(lookup.parent_span_id, server.span_id);
+    assert_eq!(attr(lookup, "cache.outcome"), "miss");
+    assert_eq!(attr(lookup, "oci.digest"), d);
+
+    let fill = span(&spans, TRACE, "blob.fill");
+    assert_eq!(fill.parent_span_id, lookup.span_id);
+    assert_eq!(attr(fill, "pullcache.fill.outcome"), "done");
+
+    let download = span(&spans, TRACE, "upstream.download");
+    assert_eq!(download.parent_span_id, fill.span_id);
+    assert_eq!(attr(download, "pullcache.bytes"), layer.len().to_string());
+    assert_eq!(attr(download, "http.response.status_code"), "200");
+
+    // Its upstream requests are client spans under it: the challenged GET, the token, the
+    // GET with the token.
+    let token = span(&spans, TRACE, "upstream.token");
+    assert_eq!(token.parent_span_id, download.span_id);
+    let clients: Vec<_> = spans
+        .iter()
+        .filter(|s| s.trace_id == TRACE && s.kind == "client")
+        .collect();
+    assert!(
+        clients.iter().any(|c| c.parent_span_id == download.span_id
+            && c.attributes
+                .get("http.response.status_code")
+                .map(String::as_str)
+                == Some("200")),
+        "a client GET under the download: {clients:#?}"
+    );
+    assert!(
+        clients.iter().any(|c| c.parent_span_id == token.span_id),
+        "the token request is a client span under upstream.token"
+    );
+
+    let verify = span(&spans, TRACE, "blob.verify");
+    assert_eq!(verify.parent_span_id, fill.span_id);
+    assert_eq!(attr(verify, "pullcache.digest.match"), "true");
+    let commit = span(&spans, TRACE, "blob.commit");
+    assert_eq!(commit.parent_span_id, fill.span_id);
+
+    // The trace went on to the upstream in `traceparent`.
+    let sent = up.counts.traceparents.lock().unwrap().clone();
+    assert!(
+        sent.iter().any(|t| t.contains(TRACE)),
+        "the upstream saw the caller's trace id: {sent:?}"
+    );
+
+    // Warm: server, route and a lookup that hit; nothing else.
+    let warm: BTreeMap<_, _> = spans
+        .iter()
+        .filter(|s| s.trace_id == WARM_TRACE)
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    let lookup = span(&spans, WARM_TRACE, "blob.lookup");
+    assert_eq!(attr(lookup, "cache.outcome"), "hit");
+    for cold_only in [
+        "blob.fill",
+        "upstream.download",
+        "blob.verify",
+        "blob.commit",
+    ] {
+        assert!(!warm.contains_key(cold_only), "warm trace has {cold_only}");
+    }
+    assert!(!spans
+        .iter()
+        .any(|s| s.trace_id == WARM_TRACE && s.kind == "client"));
+
+    // The access log: one JSON line per request with plain values and the trace id; no
+    // credential anywhere.
+    drop(daemon);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let access: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "pullcache::access")
+        .collect();
+    let cold = access
+        .iter()
+        .find(|v| v["trace_id"] == TRACE)
+        .unwrap_or_else(|| panic!("no access line with the trace id: {text}"));
+    assert_eq!(cold["method"], "GET");
+    assert_eq!(cold["path"], format!("/v2/traced/blobs/{d}"));
+    assert_eq!(cold["status"], 200);
+    assert_eq!(cold["bytes"], layer.len() as u64);
+    assert_eq!(cold["complete"], true);
+    assert_eq!(cold["upstream"], "docker.io");
+    assert_eq!(cold["type"], "blob");
+    assert_eq!(cold["outcome"], "miss");
+    assert!(cold["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(cold["ms"].as_f64().unwrap() > 0.0);
+    let warm = access.iter().find(|v| v["trace_id"] == WARM_TRACE).unwrap();
+    assert_eq!(warm["outcome"], "hit");
+    let some: Vec<_> = text.lines().filter(|l| l.contains("Some(")).collect();
+    assert!(some.is_empty(), "plain values only: {some:#?}");
+    assert!(!text.contains("pa55-not-in-logs"), "password in the log");
+    assert!(!text.contains("tok-"), "token in the log");
+    assert!(!text.contains("Bearer"), "Authorization in the log");
+}
+
+#[actix_rt::test]
+async fn a_level_that_is_not_a_level_stops_the_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("pullcache.toml");
+    std::fs::write(&cfg, "[log]\nlevel = \"warning\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pullcache"))
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("log.level") && err.contains("warning"),
+        "{err}"
+    );
+}
