@@ -62,6 +62,14 @@ SECTIONS = set(
 PULLCACHE_BIN = os.environ.get("PULLCACHE_BIN", "")
 # Systems measured (the upstream always runs: the caches need it); default all.
 SYSTEMS = set(s.strip() for s in os.environ.get("BENCH_SYSTEMS", "").split(",") if s.strip())
+# pullcache's metrics listener: "on" (default, an ephemeral loopback port: the counting
+# and the listener as deployed), "off" (metrics.listen = "", no listener), or "absent"
+# (no [metrics] section: binaries from before the metrics listener).
+METRICS = os.environ.get("BENCH_METRICS", "on")
+if METRICS not in ("on", "off", "absent"):
+    sys.exit(f"BENCH_METRICS must be on, off or absent, not {METRICS!r}")
+METRICS_SECTION = "" if METRICS == "absent" else (
+    '[metrics]\nlisten = "%s"\n' % ("127.0.0.1:0" if METRICS == "on" else ""))
 
 
 def measured(systems):
@@ -601,7 +609,7 @@ class Pullcache(Server):
         with open(cfg, "w") as f:
             f.write(f"""[server]
 listen = "127.0.0.1:{self.port}"
-[storage]
+{METRICS_SECTION}[storage]
 root = "{self.data_dir()}"
 [log]
 level = "warn"
@@ -1178,7 +1186,7 @@ class Bench:
         with open(cfg, "w") as f:
             f.write(f"""[server]
 listen = "127.0.0.1:{port}"
-[storage]
+{METRICS_SECTION}[storage]
 root = "{root}"
 [log]
 level = "info"
@@ -1426,7 +1434,8 @@ def report(b, elapsed, error=None):
     params = {"BENCH_BIG_MB": BIG_MB, "BENCH_MID_MB": MID_MB, "BENCH_REPEAT": REPEAT,
               "BENCH_WRK_SECONDS": WRK_S, "BENCH_WRK_CONNECTIONS": WRK_C,
               "BENCH_MID_CLIENTS": MID_CLIENTS, "BENCH_STARTUP_BLOBS": STARTUP_BLOBS,
-              "BENCH_SECTIONS": ",".join(sorted(SECTIONS)), "warm_clients": WARM_CLIENTS}
+              "BENCH_SECTIONS": ",".join(sorted(SECTIONS)), "warm_clients": WARM_CLIENTS,
+              "BENCH_METRICS": METRICS}
     doc = {"run": name, "command": cmd.strip(), "params": params, "elapsed_s": round(elapsed, 1),
            "error": error, "machine": b.machine, "sha256_one_core_mbps": sha,
            "figures": summary, "startup": b.startup, "anomalies": b.anomalies,

@@ -16,6 +16,8 @@
 #   BENCH_SECTIONS       comma list of pulls,burst,manifests,coldmanifests,many,startup [all]
 #   BENCH_COLD_MANIFESTS [200]  distinct manifests fetched cold in the coldmanifests section
 #   BENCH_SYSTEMS        comma list of pullcache,distribution,nginx,upstream,static [all]
+#   BENCH_METRICS        on|off|absent: pullcache's metrics listener on an ephemeral port,
+#                        metrics.listen = "", or no [metrics] section (older binaries) [on]
 #   BENCH_MANY_CLIENTS [100]  concurrent warm pulls of the big blob in the many section
 #   BENCH_PORT_BASE      first of six loopback ports [36000]
 #   BENCH_BUDGET         seconds the measurements may take before the run aborts [2400]

@@ -57,32 +57,8 @@ async fn a_cold_pull_is_one_trace_under_the_callers_and_a_warm_pull_is_short() {
     let layer = data(950, 200_000);
     let (_, digests) = up.add_image("library/traced", "v1", std::slice::from_ref(&layer));
     let d = &digests[0];
-    let (receiver_addr, receiver) = start_receiver();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = dir.path().join("pullcache.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
-             [storage]\nroot = \"{}\"\n[log]\nformat = \"json\"\n\
-             [telemetry]\notlp_endpoint = \"http://{receiver_addr}\"\nservice_name = \"pullcache-test\"\n\
-             [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\
-             username = \"alice\"\npassword = \"pa55-not-in-logs\"\n",
-            dir.path().join("data").display(),
-            up.url()
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("stderr.log");
-    let daemon = Daemon::start(
-        &cfg,
-        port,
-        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
-        Some(&log),
-    )
-    .await;
-    let base = format!("http://127.0.0.1:{port}");
+    let t = Traced::start(&up).await;
+    let (receiver, dir, log, base) = (&t.receiver, &t.dir, &t.log, &t.base);
     let blob = format!("{base}/v2/traced/blobs/{d}");
 
     // Cold, inside the caller's trace.
@@ -209,8 +185,8 @@ async fn a_cold_pull_is_one_trace_under_the_callers_and_a_warm_pull_is_short() {
 
     // The access log: one JSON line per request with plain values and the trace id; no
     // credential anywhere.
-    drop(daemon);
-    let text = std::fs::read_to_string(&log).unwrap();
+    drop(t.daemon);
+    let text = std::fs::read_to_string(log).unwrap();
     let access: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -237,6 +213,120 @@ async fn a_cold_pull_is_one_trace_under_the_callers_and_a_warm_pull_is_short() {
     assert!(!text.contains("pa55-not-in-logs"), "password in the log");
     assert!(!text.contains("tok-"), "token in the log");
     assert!(!text.contains("Bearer"), "Authorization in the log");
+}
+
+/// The real binary exporting traces to a receiver in this test, logging JSON to a file.
+struct Traced {
+    daemon: Daemon,
+    receiver: crate::common::otlp::ReceiverHandle,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+    base: String,
+}
+
+impl Traced {
+    async fn start(up: &FakeUpstream) -> Traced {
+        let (receiver_addr, receiver) = start_receiver();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = dir.path().join("pullcache.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+                 [storage]\nroot = \"{}\"\n[log]\nformat = \"json\"\n\
+                 [telemetry]\notlp_endpoint = \"http://{receiver_addr}\"\nservice_name = \"pullcache-test\"\n\
+                 [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\
+                 username = \"alice\"\npassword = \"pa55-not-in-logs\"\n",
+                dir.path().join("data").display(),
+                up.url()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("stderr.log");
+        let daemon = Daemon::start(
+            &cfg,
+            port,
+            &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+            Some(&log),
+        )
+        .await;
+        Traced {
+            daemon,
+            receiver,
+            dir,
+            log,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn a_joined_download_names_the_trace_that_started_it_and_manifests_resolve_in_a_span() {
+    let up = FakeUpstream::start();
+    let layer = data(960, 300_000);
+    let (_, digests) = up.add_image("library/joined", "v2", std::slice::from_ref(&layer));
+    let d = &digests[0];
+    up.knobs.use_gate.store(true, Ordering::SeqCst);
+    let t = Traced::start(&up).await;
+    let blob = format!("{}/v2/joined/blobs/{d}", t.base);
+    const LEADER: &str = "11111111111111111111111111111111";
+    const JOINER: &str = "22222222222222222222222222222222";
+    const MANIFEST: &str = "33333333333333333333333333333333";
+    let first = client()
+        .get(&blob)
+        .insert_header(("traceparent", traceparent(LEADER, CALLER_SPAN)))
+        .send()
+        .await
+        .expect("headers");
+    let second = client()
+        .get(&blob)
+        .insert_header(("traceparent", traceparent(JOINER, CALLER_SPAN)))
+        .send()
+        .await
+        .expect("headers");
+    up.open_gate();
+    for mut r in [first, second] {
+        assert_eq!(&sha256(&r.body().limit(1 << 20).await.unwrap()), d);
+    }
+    let tp = traceparent(MANIFEST, CALLER_SPAN);
+    let (st, _, _) = get(
+        &format!("{}/v2/joined/manifests/v2", t.base),
+        &[("accept", OCI_MANIFEST), ("traceparent", &tp)],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let spans = t
+        .receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter()
+                .any(|x| x.trace_id == JOINER && x.name == "blob.coalesce")
+                && s.iter()
+                    .any(|x| x.trace_id == LEADER && x.name == "blob.commit")
+                && s.iter()
+                    .any(|x| x.trace_id == MANIFEST && x.name == "manifest.resolve")
+        })
+        .await;
+    let join = span(&spans, JOINER, "blob.coalesce");
+    assert_eq!(attr(join, "pullcache.coalesce.leader_trace_id"), LEADER);
+    let lookup = span(&spans, JOINER, "blob.lookup");
+    assert_eq!(attr(lookup, "cache.outcome"), "coalesced");
+    assert_eq!(join.parent_span_id, lookup.span_id);
+    assert!(!names(&spans, JOINER).contains(&"blob.fill".to_string()));
+    assert_eq!(
+        attr(span(&spans, LEADER, "blob.lookup"), "cache.outcome"),
+        "miss"
+    );
+
+    let resolve = span(&spans, MANIFEST, "manifest.resolve");
+    assert_eq!(attr(resolve, "cache.outcome"), "miss");
+    assert_eq!(attr(resolve, "oci.reference"), "v2");
+    assert!(
+        spans.iter().any(|s| s.trace_id == MANIFEST
+            && s.kind == "client"
+            && s.parent_span_id == resolve.span_id),
+        "the upstream GET of the manifest is a client span under manifest.resolve"
+    );
 }
 
 #[actix_rt::test]
