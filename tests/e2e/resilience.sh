@@ -110,6 +110,8 @@ mirror_config() {
 [server]
 listen = "$MIRROR"
 shutdown_timeout = "5s"
+[metrics]
+listen = "127.0.0.1:0"   # tests/e2e/observability.sh covers the metrics listener
 [storage]
 root = "$2"
 $3

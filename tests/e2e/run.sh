@@ -86,6 +86,8 @@ if [ -z "$STANDIN" ]; then
     cat >"$W/pullcache.toml" <<EOF
 [server]
 listen = "$MIRROR"
+[metrics]
+listen = "127.0.0.1:0"   # tests/e2e/observability.sh covers the metrics listener
 [storage]
 root = "$W/cache"
 [cache]
