@@ -240,17 +240,14 @@ where
         let start = Instant::now();
         let record = Rc::new(AccessRecord::default());
         req.extensions_mut().insert(record.clone());
-        let path = req.path();
-        let handler = Handler::of_path(path);
+        let handler = Handler::of_path(req.path());
         let mut info = Box::new(Finish {
             shared: self.shared.clone(),
             record,
             start,
             handler,
-            method: req.method().clone(),
-            path: path.chars().take(MAX_LOGGED_PATH).collect(),
-            ns: ns_of(req.query_string()),
-            client: req.peer_addr(),
+            method: method_index(req.method()),
+            req: None,
             status: StatusCode::INTERNAL_SERVER_ERROR,
             trace_id: String::new(),
         });
@@ -260,6 +257,10 @@ where
             match fut.await {
                 Ok(res) => {
                     info.status = res.status();
+                    // The request itself (a reference count; routing is over, so it may be
+                    // shared now) is kept for the log line: its path, query and peer are
+                    // formatted only if the event is enabled.
+                    info.req = Some(res.request().clone());
                     Ok(res.map_body(move |_, body| LoggedBody {
                         body,
                         bytes: 0,
@@ -283,7 +284,7 @@ fn ns_of(query: &str) -> String {
     }
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "ns")
-        .map(|(_, v)| v.chars().take(MAX_LOGGED_PATH).collect())
+        .map(|(_, v)| Cut(&v).to_string())
         .unwrap_or_default()
 }
 
@@ -293,12 +294,36 @@ struct Finish {
     record: Rc<AccessRecord>,
     start: Instant,
     handler: Handler,
-    method: Method,
-    path: String,
-    ns: String,
-    client: Option<SocketAddr>,
+    /// Index into [`METHODS`].
+    method: usize,
+    /// The request, once routed (none if the service failed before a response).
+    req: Option<HttpRequest>,
     status: StatusCode,
     trace_id: String,
+}
+
+/// A path cut at [`MAX_LOGGED_PATH`] characters.
+struct Cut<'a>(&'a str);
+
+impl std::fmt::Display for Cut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(MAX_LOGGED_PATH) {
+            Some((i, _)) => f.write_str(&self.0[..i]),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// A client address, or nothing.
+struct Peer(Option<SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Finish {
@@ -310,7 +335,7 @@ impl Finish {
             None => bytes,
         };
         let s = &self.shared;
-        let m = method_index(&self.method);
+        let m = self.method;
         let mut buf = [0u8; 3];
         s.http
             .requests
@@ -333,16 +358,16 @@ impl Finish {
         let (kind, outcome) = answer
             .map(|(k, o)| (k.as_str(), o.as_str()))
             .unwrap_or(("", ""));
-        let client = self.client.map(|c| c.to_string()).unwrap_or_default();
         let ms = elapsed.as_secs_f64() * 1000.0;
+        let req = self.req.as_ref();
         macro_rules! event {
             ($level:ident) => {
                 tracing::$level!(
                     target: "pullcache::access",
-                    client = %client,
-                    method = %self.method,
-                    path = %self.path,
-                    ns = %self.ns,
+                    client = %Peer(req.and_then(HttpRequest::peer_addr)),
+                    method = req.map_or(METHODS[m], |r| r.method().as_str()),
+                    path = %Cut(req.map_or("", HttpRequest::path)),
+                    ns = %ns_of(req.map_or("", HttpRequest::query_string)),
                     status = self.status.as_u16(),
                     bytes,
                     ms,
@@ -409,7 +434,7 @@ impl<B: MessageBody> Drop for LoggedBody<B> {
         if let Some(i) = self.info.take() {
             // Never polled to its end: complete only if there was nothing to send (HEAD,
             // 304, an empty body).
-            let empty = i.method == Method::HEAD
+            let empty = METHODS[i.method] == "HEAD"
                 || matches!(self.body.size(), BodySize::None | BodySize::Sized(0));
             i.finish(self.bytes, empty);
         }
@@ -429,6 +454,14 @@ mod tests {
         assert_eq!(Handler::of_path("/metrics"), Handler::Metrics);
         assert_eq!(Handler::of_path("/nope"), Handler::Other);
         assert_eq!(Handler::of_path("/v2/a/nope/x"), Handler::Other);
+    }
+
+    #[test]
+    fn long_paths_are_cut() {
+        let long = "é".repeat(300);
+        assert_eq!(Cut(&long).to_string().chars().count(), MAX_LOGGED_PATH);
+        assert_eq!(Cut("/v2/").to_string(), "/v2/");
+        assert_eq!(Peer(None).to_string(), "");
     }
 
     #[test]
