@@ -253,3 +253,27 @@ async fn an_empty_metrics_listen_turns_the_listener_off() {
     let (st, _, _) = get(&pc.url("/v2/"), &[]).await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// podman, buildah and skopeo try https first against an insecure mirror: the handshake
+/// is closed at once (no HTTP 400 for a ClientHello), and http on the same port works.
+#[actix_rt::test]
+async fn a_tls_handshake_on_the_plain_port_is_closed_and_http_goes_on() {
+    use std::io::{Read, Write};
+    let up = FakeUpstream::start();
+    let pc = Pullcache::start(&up.url());
+    let addr = pc.base.trim_start_matches("http://").to_string();
+    let hello = [0x16u8, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x03];
+    let got = actix_rt::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&hello).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf
+    })
+    .await
+    .unwrap();
+    assert!(got.is_empty(), "closed without an answer, got {got:?}");
+    let (st, _, _) = get(&pc.url("/v2/"), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+}

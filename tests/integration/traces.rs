@@ -226,7 +226,32 @@ struct Traced {
 
 impl Traced {
     async fn start(up: &FakeUpstream) -> Traced {
+        Self::start_with(up, true, &[]).await
+    }
+
+    /// `in_config`: the endpoint in `[telemetry]` (else only `env` can name one).
+    async fn start_with(up: &FakeUpstream, in_config: bool, env: &[(&str, &str)]) -> Traced {
         let (receiver_addr, receiver) = start_receiver();
+        let endpoint = if in_config {
+            format!("http://{receiver_addr}")
+        } else {
+            String::new()
+        };
+        let receiver_url = format!("http://{receiver_addr}");
+        let mut env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    if *v == "$RECEIVER" {
+                        receiver_url.as_str()
+                    } else {
+                        *v
+                    },
+                )
+            })
+            .collect();
+        env.push(("OTEL_BSP_SCHEDULE_DELAY", "100"));
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let cfg = dir.path().join("pullcache.toml");
@@ -235,7 +260,7 @@ impl Traced {
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
                  [storage]\nroot = \"{}\"\n[log]\nformat = \"json\"\n\
-                 [telemetry]\notlp_endpoint = \"http://{receiver_addr}\"\nservice_name = \"pullcache-test\"\n\
+                 [telemetry]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"pullcache-test\"\n\
                  [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\
                  username = \"alice\"\npassword = \"pa55-not-in-logs\"\n",
                 dir.path().join("data").display(),
@@ -244,13 +269,7 @@ impl Traced {
         )
         .unwrap();
         let log = dir.path().join("stderr.log");
-        let daemon = Daemon::start(
-            &cfg,
-            port,
-            &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
-            Some(&log),
-        )
-        .await;
+        let daemon = Daemon::start(&cfg, port, &env, Some(&log)).await;
         Traced {
             daemon,
             receiver,
@@ -327,6 +346,39 @@ async fn a_joined_download_names_the_trace_that_started_it_and_manifests_resolve
             && s.parent_span_id == resolve.span_id),
         "the upstream GET of the manifest is a client span under manifest.resolve"
     );
+}
+
+#[actix_rt::test]
+async fn the_standard_otel_variables_name_the_endpoint_and_the_service() {
+    let up = FakeUpstream::start();
+    let t = Traced::start_with(
+        &up,
+        false,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "$RECEIVER"),
+            ("OTEL_SERVICE_NAME", "mirror-from-env"),
+        ],
+    )
+    .await;
+    const T: &str = "44444444444444444444444444444444";
+    let (st, _, _) = get(
+        &format!("{}/v2/", t.base),
+        &[("traceparent", &traceparent(T, CALLER_SPAN))],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let spans = t
+        .receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter().any(|x| x.trace_id == T)
+        })
+        .await;
+    let server = spans
+        .iter()
+        .find(|s| s.trace_id == T && s.kind == "server")
+        .expect("the server span, exported to the endpoint from the environment");
+    assert_eq!(server.service_name, "mirror-from-env");
+    assert_eq!(server.parent_span_id, CALLER_SPAN);
 }
 
 #[actix_rt::test]
