@@ -520,12 +520,19 @@ impl Conn {
 }
 
 /// Sends `r` with a client span under `cx` and the `traceparent` header (the awc
-/// instrumentation), as an ordinary [`ClientResponse`].
+/// instrumentation), as an ordinary [`ClientResponse`]. The body is taken as sent: the
+/// instrumentation builds awc with decompression, which pullcache never wants (blob bytes
+/// are verified and stored as the upstream stores them; `Accept-Encoding: identity` asks
+/// for that, and a server that compresses anyway is not decoded behind our back).
 async fn traced(
     r: awc::ClientRequest,
     cx: &Context,
 ) -> Result<ClientResponse, awc::error::SendRequestError> {
-    let resp = r.trace_request_with_context(cx.clone()).send().await?;
+    let resp = r
+        .no_decompress()
+        .trace_request_with_context(cx.clone())
+        .send()
+        .await?;
     Ok(resp.map_body(|_, body| actix_http::Payload::Stream {
         payload: Box::pin(body) as actix_http::BoxedPayloadStream,
     }))
