@@ -226,11 +226,17 @@ struct Traced {
 
 impl Traced {
     async fn start(up: &FakeUpstream) -> Traced {
-        Self::start_with(up, true, &[]).await
+        Self::start_with(up, true, &[], "").await
     }
 
-    /// `in_config`: the endpoint in `[telemetry]` (else only `env` can name one).
-    async fn start_with(up: &FakeUpstream, in_config: bool, env: &[(&str, &str)]) -> Traced {
+    /// `in_config`: the endpoint in `[telemetry]` (else only `env` can name one);
+    /// `storage`: more keys of `[storage]`.
+    async fn start_with(
+        up: &FakeUpstream,
+        in_config: bool,
+        env: &[(&str, &str)],
+        storage: &str,
+    ) -> Traced {
         let (receiver_addr, receiver) = start_receiver();
         let endpoint = if in_config {
             format!("http://{receiver_addr}")
@@ -259,7 +265,7 @@ impl Traced {
             &cfg,
             format!(
                 "[server]\nlisten = \"127.0.0.1:{port}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
-                 [storage]\nroot = \"{}\"\n[log]\nformat = \"json\"\n\
+                 [storage]\nroot = \"{}\"\n{storage}\n[log]\nformat = \"json\"\n\
                  [telemetry]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"pullcache-test\"\n\
                  [[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\ndefault = true\n\
                  username = \"alice\"\npassword = \"pa55-not-in-logs\"\n",
@@ -358,6 +364,7 @@ async fn the_standard_otel_variables_name_the_endpoint_and_the_service() {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "$RECEIVER"),
             ("OTEL_SERVICE_NAME", "mirror-from-env"),
         ],
+        "",
     )
     .await;
     const T: &str = "44444444444444444444444444444444";
@@ -379,6 +386,65 @@ async fn the_standard_otel_variables_name_the_endpoint_and_the_service() {
         .expect("the server span, exported to the endpoint from the environment");
     assert_eq!(server.service_name, "mirror-from-env");
     assert_eq!(server.parent_span_id, CALLER_SPAN);
+}
+
+/// An eviction sweep is background work: a trace of its own, saying what it evicted.
+#[actix_rt::test]
+async fn an_eviction_sweep_is_a_trace_of_its_own() {
+    let up = FakeUpstream::start();
+    let blobs: Vec<_> = (0..3)
+        .map(|i| up.add_blob(&data(970 + i, 400_000)))
+        .collect();
+    let t = Traced::start_with(
+        &up,
+        true,
+        &[],
+        "max_size = \"1MB\"\nsweep_interval = \"200ms\"",
+    )
+    .await;
+    for d in &blobs {
+        let (st, _, b) = get(&format!("{}/v2/library/x/blobs/{d}", t.base), &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(&sha256(&b.unwrap()), d);
+    }
+    let spans = t
+        .receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter().any(|x| {
+                x.name == "eviction.sweep"
+                    && x.attributes
+                        .get("pullcache.evicted.blobs")
+                        .map(String::as_str)
+                        != Some("0")
+                    && x.attributes.contains_key("pullcache.evicted.blobs")
+            })
+        })
+        .await;
+    let sweep = spans
+        .iter()
+        .find(|x| {
+            x.name == "eviction.sweep"
+                && x.attributes
+                    .get("pullcache.evicted.blobs")
+                    .map(String::as_str)
+                    != Some("0")
+                && x.attributes.contains_key("pullcache.evicted.blobs")
+        })
+        .unwrap_or_else(|| panic!("no sweep that evicted: {spans:#?}"));
+    assert_eq!(sweep.parent_span_id, "", "a root span");
+    assert_eq!(attr(sweep, "pullcache.evict.reason"), "high_watermark");
+    assert!(
+        attr(sweep, "pullcache.evicted.bytes")
+            .parse::<u64>()
+            .unwrap()
+            >= 400_000
+    );
+    assert!(
+        !spans.iter().any(|s| s.trace_id == sweep.trace_id
+            && s.span_id != sweep.span_id
+            && s.kind == "server"),
+        "no request in the sweep's trace"
+    );
 }
 
 #[actix_rt::test]
