@@ -407,29 +407,20 @@ async fn an_eviction_sweep_is_a_trace_of_its_own() {
         assert_eq!(st, StatusCode::OK);
         assert_eq!(&sha256(&b.unwrap()), d);
     }
+    // A sweep that evicted something (the one at start evicts nothing).
+    let evicted = |x: &CollectedSpan| {
+        x.name == "eviction.sweep"
+            && x.attributes
+                .get("pullcache.evicted.blobs")
+                .is_some_and(|n| n != "0")
+    };
     let spans = t
         .receiver
-        .wait_for(Duration::from_secs(20), |s| {
-            s.iter().any(|x| {
-                x.name == "eviction.sweep"
-                    && x.attributes
-                        .get("pullcache.evicted.blobs")
-                        .map(String::as_str)
-                        != Some("0")
-                    && x.attributes.contains_key("pullcache.evicted.blobs")
-            })
-        })
+        .wait_for(Duration::from_secs(20), |s| s.iter().any(evicted))
         .await;
     let sweep = spans
         .iter()
-        .find(|x| {
-            x.name == "eviction.sweep"
-                && x.attributes
-                    .get("pullcache.evicted.blobs")
-                    .map(String::as_str)
-                    != Some("0")
-                && x.attributes.contains_key("pullcache.evicted.blobs")
-        })
+        .find(|x| evicted(x))
         .unwrap_or_else(|| panic!("no sweep that evicted: {spans:#?}"));
     assert_eq!(sweep.parent_span_id, "", "a root span");
     assert_eq!(attr(sweep, "pullcache.evict.reason"), "high_watermark");
