@@ -54,6 +54,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // RUST_LOG wins over log.level: it gets the same check.
+            if let Ok(v) = std::env::var("RUST_LOG") {
+                if let Err(e) = pullcache::telemetry::check_level(&v) {
+                    eprintln!("pullcache: RUST_LOG: {e}");
+                    return ExitCode::from(2);
+                }
+            }
             pullcache::telemetry::init(&cfg.log);
             let traces = match pullcache::telemetry::traces::init(&cfg.telemetry) {
                 Ok(t) => t,

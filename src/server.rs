@@ -151,11 +151,12 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
 }
 
 /// Whether a new connection starts with a TLS handshake (a client trying https on this
-/// plain-HTTP port). Waits for the first bytes at most as long as a request may take to
-/// arrive; a client that sends nothing is left to the HTTP service's own timeout.
+/// plain-HTTP port). Waits a second at most for the first bytes (a ClientHello follows the
+/// TCP handshake at once): a client that sends nothing by then is left to the HTTP
+/// service and its own timeout, so an idle connection is not kept longer than before.
 async fn tls_handshake(io: &TcpStream) -> bool {
     let mut first = [0u8; 3];
-    match tokio::time::timeout(Duration::from_secs(5), io.peek(&mut first)).await {
+    match tokio::time::timeout(Duration::from_secs(1), io.peek(&mut first)).await {
         Ok(Ok(n)) => crate::telemetry::looks_like_tls(&first[..n]),
         _ => false,
     }

@@ -63,7 +63,6 @@ pub struct ManifestResolver {
     /// When each repository's use was last written to the metadata (feeds
     /// `manifest_max_idle`); kept here so a busy repository costs one write a minute.
     touched: HashMap<(UpstreamId, String), u64>,
-    mailbox: Mailbox,
 }
 
 /// What a resolution needs; cloned into each lookup's future.
@@ -143,7 +142,6 @@ impl ManifestResolver {
             },
             inflight: HashMap::new(),
             touched: HashMap::new(),
-            mailbox: mailbox.clone(),
         }
         .start();
         ManifestsHandle {
@@ -178,7 +176,6 @@ impl Handler<Resolve> for ManifestResolver {
     type Result = ResponseFuture<Result<ManifestAnswer, EngineError>>;
 
     fn handle(&mut self, m: Resolve, ctx: &mut Self::Context) -> Self::Result {
-        self.mailbox.taken();
         let now = self.ctx.clock.now_ms();
         let last = self
             .touched
@@ -259,7 +256,6 @@ impl Handler<TagList> for ManifestResolver {
     type Result = ResponseFuture<Result<Vec<String>, EngineError>>;
 
     fn handle(&mut self, m: TagList, _: &mut Self::Context) -> Self::Result {
-        self.mailbox.taken();
         let c = self.ctx.clone();
         Box::pin(async move { c.tag_list(m.upstream, &m.repo, &m.cx).await })
     }
@@ -639,7 +635,7 @@ impl ManifestsHandle {
         reference: Reference,
         cx: &TraceCx,
     ) -> Result<ManifestAnswer, EngineError> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(Resolve {
                 upstream,
@@ -656,7 +652,7 @@ impl ManifestsHandle {
         repo: &str,
         cx: &TraceCx,
     ) -> Result<Vec<String>, EngineError> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(TagList {
                 upstream,

@@ -120,17 +120,17 @@ impl ActorName {
     }
 }
 
-/// Messages sent to an actor and not yet taken up by its handler: incremented by the
-/// sending handle, decremented first thing in the handler.
+/// Requests sent to an actor and not answered yet (queued, or being handled): the handle
+/// holds the [`Held`] that [`Mailbox::sent`] returns until the answer comes or the asker
+/// goes away, so the gauge cannot drift when actix drops a message whose asker left.
+/// Fire-and-forget messages (`do_send`) are not counted.
 #[derive(Clone)]
 pub struct Mailbox(IntGauge);
 
 impl Mailbox {
-    pub fn sent(&self) {
-        self.0.inc();
-    }
-    pub fn taken(&self) {
-        self.0.dec();
+    #[must_use = "the request counts while this is held"]
+    pub fn sent(&self) -> Held {
+        Held::new(&self.0)
     }
     /// A mailbox nobody reads (tests that start one actor alone).
     pub fn detached() -> Mailbox {
@@ -422,7 +422,7 @@ impl Metrics {
         let mailbox = gauge_vec(
             &r,
             "pullcache_actor_mailbox_depth",
-            "Messages sent to an actor and not yet taken up by it.",
+            "Requests sent to an actor and not answered yet (queued or being handled).",
             &["actor"],
         );
         Arc::new(Metrics {

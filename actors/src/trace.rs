@@ -123,11 +123,12 @@ impl Drop for Step {
     }
 }
 
-/// The trace id of `cx`'s span as 32 hex digits, empty if none.
+/// The trace id of `cx`'s span as 32 hex digits; empty if none, or if the trace is not
+/// sampled (it cannot be found in the trace backend).
 pub fn trace_id(cx: &Context) -> String {
     let span = cx.span();
     let sc = span.span_context();
-    if sc.is_valid() {
+    if sc.is_valid() && sc.is_sampled() {
         sc.trace_id().to_string()
     } else {
         String::new()

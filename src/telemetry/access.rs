@@ -349,7 +349,8 @@ impl Finish {
         let upstream = self.record.upstream.get();
         let answer = self.record.answer.get();
         if let (Some(u), Some((kind, outcome))) = (upstream, answer) {
-            if self.status.is_success() {
+            // Answered: with the content, or a 304 that says the client has it.
+            if self.status.is_success() || self.status == StatusCode::NOT_MODIFIED {
                 s.engine.answered(u, kind, outcome);
                 s.engine.served(outcome, bytes);
             }

@@ -6,7 +6,8 @@ pub mod access;
 pub mod traces;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use tracing_subscriber::EnvFilter;
 
@@ -23,7 +24,8 @@ pub fn check_level(level: &str) -> Result<(), String> {
     if level.trim().is_empty() {
         return Err(format!("must not be empty: give a level (one of {levels})"));
     }
-    for d in level.split(',').map(str::trim) {
+    // Empty directives (`info,`) are skipped, as the filter itself skips them.
+    for d in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let lvl = match d.rsplit_once('=') {
             Some((target, lvl)) if !target.is_empty() => lvl,
             Some(_) => return Err(format!("{d:?} has no target before '='")),
@@ -73,14 +75,14 @@ pub fn looks_like_tls(first: &[u8]) -> bool {
 /// first against a mirror they are told is insecure, then fall back to http. One debug
 /// line at most every 10 seconds, with how many were not logged.
 pub fn tls_on_plain_port(peer: Option<std::net::SocketAddr>) {
+    // Seconds since the first one, on the monotonic clock (a wall-clock step back must not
+    // mute the line); `LAST` holds that + 1, so 0 means never.
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
     static LAST: AtomicU64 = AtomicU64::new(0);
     static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
     let last = LAST.load(Ordering::Relaxed);
-    if now < last + 10
+    if (last != 0 && now < last + 10)
         || LAST
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()

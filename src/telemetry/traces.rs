@@ -80,10 +80,14 @@ pub fn init(t: &TelemetrySettings) -> Result<Option<Traces>, String> {
         && !env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
         && !t.otlp_endpoint.is_empty()
     {
-        exporter = exporter.with_endpoint(format!(
-            "{}/v1/traces",
-            t.otlp_endpoint.trim_end_matches('/')
-        ));
+        // The base URL, as OTEL_EXPORTER_OTLP_ENDPOINT; a URL already ending in the
+        // traces path is taken as is.
+        let base = t.otlp_endpoint.trim_end_matches('/');
+        exporter = exporter.with_endpoint(if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        });
     }
     let exporter = exporter
         .build()
@@ -102,8 +106,21 @@ pub fn init(t: &TelemetrySettings) -> Result<Option<Traces>, String> {
         .with_span_processor(BatchSpanProcessor::builder(exporter).build())
         .with_resource(resource.build());
     if !env_set("OTEL_TRACES_SAMPLER") {
+        // The SDK reads OTEL_TRACES_SAMPLER_ARG only with OTEL_TRACES_SAMPLER; alone, it is
+        // taken as the ratio here (as `sample_ratio` would be).
+        let ratio = match std::env::var("OTEL_TRACES_SAMPLER_ARG") {
+            Ok(v) if !v.trim().is_empty() => match v.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => r,
+                _ => {
+                    return Err(format!(
+                        "OTEL_TRACES_SAMPLER_ARG: {v:?} is not a ratio between 0.0 and 1.0"
+                    ))
+                }
+            },
+            _ => t.sample_ratio,
+        };
         builder = builder.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            t.sample_ratio,
+            ratio,
         ))));
     }
     let provider = builder.build();

@@ -277,3 +277,36 @@ async fn a_tls_handshake_on_the_plain_port_is_closed_and_http_goes_on() {
     let (st, _, _) = get(&pc.url("/v2/"), &[]).await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// A 304 (the client has the manifest) is an answer from the cache, counted like a 200.
+#[actix_rt::test]
+async fn a_not_modified_manifest_counts_as_a_hit() {
+    let up = FakeUpstream::start();
+    let (md, _) = up.add_image("library/nm", "1", &[data(930, 100)]);
+    let pc = Pullcache::start(&up.url());
+    let url = pc.url("/v2/nm/manifests/1");
+    let (st, _, _) = get(&url, &[("accept", OCI_MANIFEST)]).await;
+    assert_eq!(st, StatusCode::OK);
+    let etag = format!("\"{md}\"");
+    let (st, _, _) = get(&url, &[("accept", OCI_MANIFEST), ("if-none-match", &etag)]).await;
+    assert_eq!(st, StatusCode::NOT_MODIFIED);
+    let u = r#"upstream="docker.io""#;
+    expect_metric(
+        &pc,
+        &format!(r#"pullcache_cache_outcomes_total{{outcome="hit",type="manifest",{u}}}"#),
+        1.0,
+    )
+    .await;
+    expect_metric(
+        &pc,
+        r#"registry_proxy_requests_total{type="manifest"}"#,
+        2.0,
+    )
+    .await;
+    expect_metric(
+        &pc,
+        r#"registry_http_requests_total{code="304",handler="manifest",method="GET"}"#,
+        1.0,
+    )
+    .await;
+}

@@ -388,6 +388,42 @@ async fn the_standard_otel_variables_name_the_endpoint_and_the_service() {
     assert_eq!(server.parent_span_id, CALLER_SPAN);
 }
 
+/// A redirect target's URL carries a signature: it never reaches the trace backend.
+#[actix_rt::test]
+async fn a_signed_redirect_url_stays_out_of_the_traces() {
+    let up = FakeUpstream::start();
+    up.knobs.redirect_blobs.store(true, Ordering::SeqCst);
+    let d = up.add_blob(&data(980, 50_000));
+    let t = Traced::start(&up).await;
+    const R: &str = "55555555555555555555555555555555";
+    let tp = traceparent(R, CALLER_SPAN);
+    let (st, _, b) = get(
+        &format!("{}/v2/library/x/blobs/{d}", t.base),
+        &[("traceparent", &tp)],
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256(&b.unwrap()), d);
+    let spans = t
+        .receiver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.iter().any(|x| x.trace_id == R && x.name == "blob.commit")
+                && s.iter()
+                    .any(|x| x.trace_id == R && x.name == "upstream.redirect")
+        })
+        .await;
+    let download = span(&spans, R, "upstream.download");
+    let hop = span(&spans, R, "upstream.redirect");
+    assert_eq!(hop.parent_span_id, download.span_id);
+    assert_eq!(attr(hop, "server.address"), "127.0.0.1");
+    assert_eq!(attr(hop, "http.response.status_code"), "200");
+    for s in &spans {
+        for (k, v) in &s.attributes {
+            assert!(!v.contains("sig="), "{}: {k} = {v}", s.name);
+        }
+    }
+}
+
 /// An eviction sweep is background work: a trace of its own, saying what it evicted.
 #[actix_rt::test]
 async fn an_eviction_sweep_is_a_trace_of_its_own() {

@@ -29,7 +29,7 @@ use crate::health::HealthHandle;
 use crate::metadata::{
     BlobLookup, ForgetBlob, LinkBlobs, LookupBlob, MetaHandle, RecordBlob, TouchBlob,
 };
-use crate::metrics::{ActorName, CacheOutcome, Held, Mailbox, Metrics};
+use crate::metrics::{CacheOutcome, Held, Metrics};
 use crate::recovery::{self, Pending};
 use crate::settings::{UpstreamId, UpstreamNames};
 use crate::store::BlobStore;
@@ -100,7 +100,6 @@ pub struct BlobFetcher {
     /// of each handle.
     d: Arc<FetcherDeps>,
     outcomes: HashMap<&'static str, u64>,
-    mailbox: Mailbox,
 }
 
 impl Actor for BlobFetcher {
@@ -112,7 +111,6 @@ impl BlobFetcher {
         BlobFetcher {
             inflight: HashMap::new(),
             next_id: 0,
-            mailbox: deps.metrics.mailbox(ActorName::Fetcher),
             d: Arc::new(deps),
             outcomes: HashMap::new(),
         }
@@ -166,7 +164,10 @@ impl BlobFetcher {
             &*f.state.borrow(),
             FillState::Failed(_) | FillState::Abandoned
         ) {
-            self.inflight.remove(key);
+            if let Some(f) = self.inflight.remove(key) {
+                f.step
+                    .fail(&"failed or abandoned before its writer reported");
+            }
             self.table_changed();
             return None;
         }
@@ -332,7 +333,6 @@ impl Handler<OpenBlob> for BlobFetcher {
     type Result = ResponseActFuture<Self, Result<BlobBody, EngineError>>;
 
     fn handle(&mut self, m: OpenBlob, _: &mut Self::Context) -> Self::Result {
-        self.mailbox.taken();
         let key = (m.upstream, m.digest.clone());
         let step = Step::child(&m.cx, "blob.lookup", || {
             vec![
@@ -403,7 +403,6 @@ impl Handler<StatBlob> for BlobFetcher {
     type Result = ResponseFuture<Result<u64, EngineError>>;
 
     fn handle(&mut self, m: StatBlob, _: &mut Self::Context) -> Self::Result {
-        self.mailbox.taken();
         let key = (m.upstream, m.digest.clone());
         if let Some(f) = self.inflight.get(&key) {
             if let FillState::Streaming { total: Some(t), .. }
@@ -479,6 +478,9 @@ impl BlobFetcher {
             if let Some(f) = self.inflight.remove(&m.key) {
                 f.step
                     .set(|| vec![kv("pullcache.fill.outcome", m.outcome.name())]);
+                if !matches!(m.outcome, FillOutcome::Stored { .. }) {
+                    f.step.fail(&m.outcome.name());
+                }
             }
             self.table_changed();
         }

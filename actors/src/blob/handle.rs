@@ -39,16 +39,17 @@ impl BlobsHandle {
         cx: &TraceCx,
     ) -> Result<BlobBody, EngineError> {
         for attempt in 0..2 {
-            self.mailbox.sent();
-            let body = self
-                .addr
-                .send(OpenBlob {
-                    upstream,
-                    repo: repo.into(),
-                    digest: digest.clone(),
-                    cx: cx.clone(),
-                })
-                .await??;
+            let body = {
+                let _queued = self.mailbox.sent();
+                self.addr
+                    .send(OpenBlob {
+                        upstream,
+                        repo: repo.into(),
+                        digest: digest.clone(),
+                        cx: cx.clone(),
+                    })
+                    .await??
+            };
             let BlobBody {
                 src,
                 read_in,
@@ -157,7 +158,7 @@ impl BlobsHandle {
         digest: &Digest,
         cx: &TraceCx,
     ) -> Result<u64, EngineError> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(StatBlob {
                 upstream,

@@ -36,7 +36,6 @@ pub const THREADS: usize = 2;
 /// Runs the database's calls on a sync arbiter's threads.
 pub struct Metadata {
     db: Db,
-    mailbox: Mailbox,
 }
 
 impl Actor for Metadata {
@@ -45,14 +44,10 @@ impl Actor for Metadata {
 
 impl Metadata {
     /// Hands the database to the actor: from now on it is reached only by messages.
-    /// `mailbox` counts the messages waiting for a thread.
+    /// `mailbox` counts the requests waiting for an answer.
     pub fn start(db: Db, mailbox: Mailbox) -> MetaHandle {
         let usage = db.usage_counter();
-        let mb = mailbox.clone();
-        let addr = SyncArbiter::start(THREADS, move || Metadata {
-            db: db.share(),
-            mailbox: mb.clone(),
-        });
+        let addr = SyncArbiter::start(THREADS, move || Metadata { db: db.share() });
         MetaHandle {
             addr,
             usage,
@@ -237,7 +232,6 @@ macro_rules! handlers {
         impl Handler<$msg> for Metadata {
             type Result = <$msg as Message>::Result;
             fn handle(&mut self, $m: $msg, _: &mut Self::Context) -> Self::Result {
-                self.mailbox.taken();
                 let $db = &self.db;
                 $body
             }
@@ -332,7 +326,7 @@ impl MetaHandle {
         M::Result: Send,
         Metadata: Handler<M>,
     {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr.send(m).await.map_err(MetaError::Gone)
     }
 
@@ -342,7 +336,6 @@ impl MetaHandle {
         M: Message<Result = ()> + Send + 'static,
         Metadata: Handler<M>,
     {
-        self.mailbox.sent();
         self.addr.do_send(m);
     }
 

@@ -353,7 +353,7 @@ impl Conn {
             }
             self.metrics().token_fetches.inc();
             let sent = Instant::now();
-            let send = traced(r, cx);
+            let send = traced(r, cx, true);
             let res = tokio::time::timeout(self.settings.response_timeout, send).await;
             let code = match &res {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
@@ -402,7 +402,9 @@ impl Conn {
         let mut url = Url::parse(&req.url).map_err(|e| self.protocol(format!("bad URL: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
             let own = self.same_origin(&url);
-            let resp = self.send_once(req, &url, authz.filter(|_| own)).await?;
+            let resp = self
+                .send_once(req, &url, own, authz.filter(|_| own))
+                .await?;
             let redirect = req.follow_redirects
                 && matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308)
                 && (req.method == Method::GET || req.method == Method::HEAD);
@@ -428,6 +430,7 @@ impl Conn {
         &self,
         req: &Req<'_>,
         url: &Url,
+        own: bool,
         authz: Option<&str>,
     ) -> Result<ClientResponse, UpstreamError> {
         let mut attempt = 0;
@@ -443,7 +446,7 @@ impl Conn {
                 r = r.insert_header((header::RANGE, range.as_str()));
             }
             let sent = Instant::now();
-            let send = traced(r, req.cx);
+            let send = traced(r, req.cx, own);
             let res = tokio::time::timeout(self.settings.response_timeout, send).await;
             let code = match &res {
                 Ok(Ok(r)) => Some(r.status().as_u16()),
@@ -519,20 +522,47 @@ impl Conn {
     }
 }
 
-/// Sends `r` with a client span under `cx` and the `traceparent` header (the awc
-/// instrumentation), as an ordinary [`ClientResponse`]. The body is taken as sent: the
-/// instrumentation builds awc with decompression, which pullcache never wants (blob bytes
-/// are verified and stored as the upstream stores them; `Accept-Encoding: identity` asks
-/// for that, and a server that compresses anyway is not decoded behind our back).
+/// Sends `r`, as an ordinary [`ClientResponse`]. To the upstream's own origin (`own`):
+/// with a client span under `cx` and the `traceparent` header (the awc instrumentation).
+/// To a redirect target (a CDN), whose URL carries a signature in its query
+/// (`X-Amz-Signature`, `verify=`, `sig=`), the instrumentation would put that URL in the
+/// span's `url.full` and so in the trace backend: there the span is our own and names the
+/// host only.
+///
+/// The body is taken as sent: the instrumentation builds awc with decompression, which
+/// pullcache never wants (blob bytes are verified and stored as the upstream stores them;
+/// `Accept-Encoding: identity` asks for that, and a server that compresses anyway is not
+/// decoded behind our back).
 async fn traced(
     r: awc::ClientRequest,
     cx: &Context,
+    own: bool,
 ) -> Result<ClientResponse, awc::error::SendRequestError> {
-    let resp = r
-        .no_decompress()
-        .trace_request_with_context(cx.clone())
-        .send()
-        .await?;
+    let r = r.no_decompress();
+    let resp = if own {
+        r.trace_request_with_context(cx.clone()).send().await?
+    } else {
+        let step = Step::child(cx, "upstream.redirect", || {
+            vec![
+                kv("http.request.method", r.get_method().to_string()),
+                kv(
+                    "server.address",
+                    r.get_uri().host().unwrap_or("").to_string(),
+                ),
+            ]
+        });
+        let resp = r.send().await;
+        match &resp {
+            Ok(res) => step.set(|| {
+                vec![kv(
+                    "http.response.status_code",
+                    res.status().as_u16() as i64,
+                )]
+            }),
+            Err(e) => step.fail(e),
+        }
+        resp?
+    };
     Ok(resp.map_body(|_, body| actix_http::Payload::Stream {
         payload: Box::pin(body) as actix_http::BoxedPayloadStream,
     }))

@@ -82,7 +82,6 @@ pub fn parse_ratelimit(v: &str) -> Option<(u64, Option<u64>)> {
 
 pub struct Upstreams {
     conns: Vec<Rc<Conn>>,
-    mailbox: Mailbox,
 }
 
 impl Actor for Upstreams {
@@ -115,7 +114,6 @@ impl Upstreams {
     ) -> UpstreamHandle {
         let arbiter = Arbiter::new();
         let mailbox = metrics.mailbox(ActorName::Upstream);
-        let mb = mailbox.clone();
         let addr = Upstreams::start_in_arbiter(&arbiter.handle(), move |_| {
             let tls = tls_config();
             let conns = settings
@@ -131,7 +129,7 @@ impl Upstreams {
                     ))
                 })
                 .collect();
-            Upstreams { conns, mailbox: mb }
+            Upstreams { conns }
         });
         UpstreamHandle {
             addr,
@@ -141,9 +139,7 @@ impl Upstreams {
         }
     }
 
-    /// The connection of upstream `id`, for a message just taken from the mailbox.
     fn conn(&self, id: UpstreamId) -> Rc<Conn> {
-        self.mailbox.taken();
         self.conns[id.index()].clone()
     }
 }
@@ -317,7 +313,7 @@ impl UpstreamHandle {
         head: bool,
         cx: &TraceCx,
     ) -> Result<UpstreamManifest, UpstreamError> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(FetchManifest {
                 upstream,
@@ -337,7 +333,7 @@ impl UpstreamHandle {
         digest: &Digest,
         cx: &TraceCx,
     ) -> Result<u64, UpstreamError> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(HeadBlob {
                 upstream,
@@ -357,7 +353,6 @@ impl UpstreamHandle {
         sink: mpsc::Sender<DownloadEvent>,
         cx: &TraceCx,
     ) {
-        self.mailbox.sent();
         self.addr.do_send(StartDownload {
             upstream,
             repo: repo.into(),
@@ -368,7 +363,7 @@ impl UpstreamHandle {
     }
 
     pub async fn probe(&self, upstream: UpstreamId, timeout: Duration) -> Result<Duration, String> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(Probe { upstream, timeout })
             .await
@@ -376,7 +371,7 @@ impl UpstreamHandle {
     }
 
     pub async fn quota(&self, upstream: UpstreamId) -> Option<Quota> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr.send(GetQuota { upstream }).await.ok().flatten()
     }
 
@@ -388,7 +383,7 @@ impl UpstreamHandle {
         last: Option<String>,
         cx: &TraceCx,
     ) -> Result<TagsPage, UpstreamError> {
-        self.mailbox.sent();
+        let _queued = self.mailbox.sent();
         self.addr
             .send(FetchTags {
                 upstream,
