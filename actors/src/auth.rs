@@ -142,25 +142,54 @@ pub fn basic_header(user: &str, password: &str) -> String {
 /// Cached bearer tokens keyed by scope, expiring a margin before the server says.
 #[derive(Default)]
 pub struct TokenCache {
-    tokens: HashMap<String, (String, Instant)>,
+    /// scope -> (token, expiry, last use): the last use orders eviction.
+    tokens: HashMap<String, (String, Instant, u64)>,
+    /// A use counter (monotonic; cheaper and more exact than reading the clock).
+    uses: u64,
 }
 
 impl TokenCache {
-    pub fn get(&self, scope: &str, now: Instant) -> Option<String> {
-        self.tokens
-            .get(scope)
-            .filter(|(_, exp)| *exp > now)
-            .map(|(t, _)| t.clone())
+    /// Tokens kept per upstream, at most: one per repository pulled recently. Past this,
+    /// expired entries go first, then the least recently used.
+    pub const MAX: usize = 1024;
+
+    pub fn get(&mut self, scope: &str, now: Instant) -> Option<String> {
+        self.uses += 1;
+        let uses = self.uses;
+        let e = self
+            .tokens
+            .get_mut(scope)
+            .filter(|(_, exp, _)| *exp > now)?;
+        e.2 = uses;
+        Some(e.0.clone())
     }
 
     pub fn insert(&mut self, scope: &str, token: String, lifetime: Duration, now: Instant) {
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        self.tokens
-            .insert(scope.to_string(), (token, now + lifetime - margin));
-        // Keep the cache bounded: drop expired entries when it grows.
-        if self.tokens.len() > 1024 {
-            self.tokens.retain(|_, (_, exp)| *exp > now);
+        self.uses += 1;
+        self.tokens.insert(
+            scope.to_string(),
+            (token, now + lifetime - margin, self.uses),
+        );
+        if self.tokens.len() > Self::MAX {
+            self.tokens.retain(|_, (_, exp, _)| *exp > now);
         }
+        // Still full of live tokens (a flood of distinct repository names): drop the least
+        // recently used quarter, so this costs one sort per MAX/4 inserts, not one per insert.
+        if self.tokens.len() > Self::MAX {
+            let mut by_use: Vec<u64> = self.tokens.values().map(|e| e.2).collect();
+            by_use.sort_unstable();
+            let cut = by_use[self.tokens.len() - Self::MAX * 3 / 4];
+            self.tokens.retain(|_, e| e.2 >= cut);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
     }
 
     pub fn remove(&mut self, scope: &str) {
@@ -279,6 +308,25 @@ mod tests {
         c.insert("s", "tok".into(), Duration::from_secs(60), now);
         assert_eq!(c.get("s", now), Some("tok".into()));
         assert_eq!(c.get("s", now + Duration::from_secs(55)), None);
+    }
+
+    /// A flood of distinct repositories (live tokens, none expired) keeps the cache bounded,
+    /// and the tokens in use survive it.
+    #[test]
+    fn token_cache_is_bounded_least_recently_used_first() {
+        let mut c = TokenCache::default();
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        c.insert("hot", "h".into(), hour, now);
+        for i in 0..10 * TokenCache::MAX {
+            c.insert(&format!("repo{i}"), "t".into(), hour, now);
+            if i % 100 == 0 {
+                assert_eq!(c.get("hot", now), Some("h".into()), "in use, kept");
+            }
+            assert!(c.len() <= TokenCache::MAX, "{} entries", c.len());
+        }
+        assert_eq!(c.get("hot", now), Some("h".into()));
+        assert_eq!(c.get("repo0", now), None, "least recently used, dropped");
     }
 
     #[test]

@@ -207,7 +207,14 @@ impl Query {
 /// Every `/v2` request comes here.
 async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let path = req.uri().path();
-    let rest = path.strip_prefix("/v2").unwrap_or("");
+    // actix matches the scope on the percent-decoded path: `/%76%32/...` lands here too.
+    // Only the literal `/v2` is the API (as every registry reads it).
+    let Some(rest) = path.strip_prefix("/v2") else {
+        return Err(ApiError::name_unknown(format!(
+            "no such endpoint: {}",
+            truncate(path)
+        )));
+    };
     let method = req.method();
     if method != Method::GET && method != Method::HEAD {
         // Every write (uploads, manifest PUTs, deletes), on any /v2 path.

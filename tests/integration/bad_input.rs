@@ -16,6 +16,14 @@ async fn bad_client_input_gets_oci_errors() {
     let good = sha256(b"x");
     let long = "a".repeat(256);
     let cases: Vec<(String, StatusCode, &str)> = vec![
+        // Percent-encoded `/v2`: actix's router decodes it into the API scope; it is not
+        // the API (it used to answer 200 `{}`).
+        (
+            "/%76%32/a/manifests/latest".into(),
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+        ),
+        ("/%76%32/".into(), StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
         (
             "/v2/Upper/manifests/latest".into(),
             StatusCode::BAD_REQUEST,

@@ -290,7 +290,7 @@ impl Conn {
                 auth::basic_header(&self.settings.username, self.settings.password.expose())
             })),
             Some(Challenge::Bearer { realm, service, .. }) => {
-                if let Some(t) = self.tokens.borrow().get(scope, Instant::now()) {
+                if let Some(t) = self.tokens.borrow_mut().get(scope, Instant::now()) {
                     return Ok(Some(format!("Bearer {t}")));
                 }
                 let step = Step::child(cx, "upstream.token", || {
@@ -416,12 +416,11 @@ impl Conn {
                 .get(header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .ok_or_else(|| self.protocol("redirect without Location".into()))?;
-            url = url
+            let next = url
                 .join(loc)
                 .map_err(|_| self.protocol("redirect to an invalid Location".into()))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(self.protocol("redirect to a non-HTTP URL".into()));
-            }
+            redirect_allowed(&url, &next).map_err(|why| self.protocol(why.into()))?;
+            url = next;
         }
         Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
     }
@@ -568,6 +567,19 @@ async fn traced(
     }))
 }
 
+/// Whether a redirect from `from` may be followed to `to`: http(s) only, and never from
+/// https down to http (the request, a signed URL with it, would cross the network in
+/// clear text; the bytes are verified anyway, but not who sees them).
+fn redirect_allowed(from: &Url, to: &Url) -> Result<(), &'static str> {
+    if !matches!(to.scheme(), "http" | "https") {
+        return Err("redirect to a non-HTTP URL");
+    }
+    if from.scheme() == "https" && to.scheme() == "http" {
+        return Err("redirect from https to http refused");
+    }
+    Ok(())
+}
+
 fn retryable(e: &awc::error::SendRequestError) -> bool {
     use awc::error::{ConnectError, SendRequestError as E};
     match e {
@@ -599,4 +611,24 @@ fn oci_error_message(body: &[u8]) -> Option<String> {
     let msg = e.get("message").and_then(|c| c.as_str()).unwrap_or("");
     let s = format!("{code} {msg}").trim().to_string();
     (!s.is_empty()).then(|| s.chars().take(300).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_stay_on_http_and_never_downgrade() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert!(
+            redirect_allowed(&u("https://r.io/v2/"), &u("https://cdn.example/x?sig=1")).is_ok()
+        );
+        assert!(
+            redirect_allowed(&u("http://127.0.0.1:5000/v2/"), &u("http://127.0.0.1:9/x")).is_ok()
+        );
+        assert!(redirect_allowed(&u("http://r.io/"), &u("https://cdn.example/x")).is_ok());
+        assert!(redirect_allowed(&u("https://r.io/"), &u("http://cdn.example/x")).is_err());
+        assert!(redirect_allowed(&u("https://r.io/"), &u("file:///etc/passwd")).is_err());
+        assert!(redirect_allowed(&u("http://r.io/"), &u("ftp://cdn.example/x")).is_err());
+    }
 }

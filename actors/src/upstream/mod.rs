@@ -63,8 +63,10 @@ pub struct Quota {
 impl Quota {
     /// Below `min` and the window in which it was seen has not passed yet.
     pub fn is_low(&self, min: u64, now_ms: u64) -> bool {
-        let window_ms = self.window_seconds.unwrap_or(6 * 3600) * 1000;
-        self.remaining < min && now_ms < self.observed_ms + window_ms
+        // Saturating: the window comes from the upstream's header, any u64
+        // (`w=18446744073709551615` would overflow: a panic in debug, a wrap in release).
+        let window_ms = self.window_seconds.unwrap_or(6 * 3600).saturating_mul(1000);
+        self.remaining < min && now_ms < self.observed_ms.saturating_add(window_ms)
     }
 }
 
@@ -415,5 +417,14 @@ mod tests {
         assert!(q.is_low(5, 2000));
         assert!(!q.is_low(5, 61_001));
         assert!(!q.is_low(3, 2000));
+        // A hostile window saturates instead of overflowing.
+        let (n, w) = parse_ratelimit("0;w=18446744073709551615").unwrap();
+        let q = Quota {
+            limit: None,
+            remaining: n,
+            window_seconds: w,
+            observed_ms: u64::MAX - 5,
+        };
+        assert!(q.is_low(1, u64::MAX - 1));
     }
 }

@@ -625,14 +625,17 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .expect("start pullcache");
-        let d = Daemon(child);
-        for _ in 0..100 {
+        let mut d = Daemon(child);
+        for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return d;
             }
+            if let Ok(Some(status)) = d.0.try_wait() {
+                panic!("pullcache exited at start: {status}");
+            }
             actix_rt::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("pullcache did not start listening");
+        panic!("pullcache did not start listening within 10 s");
     }
 }
 
