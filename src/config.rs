@@ -196,6 +196,26 @@ impl Config {
                     "upstreams[{i}].password: environment variable {v} is not set"
                 ))
             })?;
+            if let Some(f) = &u.password_file {
+                if !u.password.0.is_empty() {
+                    return Err(ConfigError(format!(
+                        "upstreams[{i}]: password and password_file exclude each other"
+                    )));
+                }
+                let p = std::fs::read_to_string(f).map_err(|e| {
+                    ConfigError(format!(
+                        "upstreams[{i}].password_file: cannot read {}: {e}",
+                        f.display()
+                    ))
+                })?;
+                u.password.0 = p.trim_end_matches(['\n', '\r']).to_string();
+                if u.password.0.is_empty() {
+                    return Err(ConfigError(format!(
+                        "upstreams[{i}].password_file: {} is empty",
+                        f.display()
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -478,6 +498,41 @@ mod tests {
             .to_string();
         assert!(
             e.contains("upstreams[0].password") && e.contains("PULLCACHE_TEST_UNSET_Y"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_password_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret-from-file\n").unwrap();
+        let up = |extra: &str| {
+            format!(
+                "[[upstreams]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\nusername = \"me\"\n{extra}\n"
+            )
+        };
+        let c = load_str(
+            &up(&format!("password_file = {:?}", f.display().to_string())),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].password.expose(), "s3cret-from-file");
+        assert!(!c.to_redacted_toml().contains("s3cret-from-file"));
+        let both = format!(
+            "password = \"x\"\npassword_file = {:?}",
+            f.display().to_string()
+        );
+        let e = load_str(&up(&both), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams[0]") && e.contains("password_file"),
+            "{e}"
+        );
+        let e = load_str(&up("password_file = \"/nonexistent/pw\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstreams[0].password_file") && e.contains("/nonexistent/pw"),
             "{e}"
         );
     }

@@ -160,6 +160,10 @@ pub struct UpstreamSettings {
     /// Upstream password or token; `${ENV_VAR}` is expanded. Never logged.
     #[serde(default)]
     pub password: Secret,
+    /// A file holding the password (a mounted secret), read at start; its trailing newline
+    /// is not part of it. Excludes `password`.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
     /// Prepend `library/` to one-component names (Docker Hub's official images). Unset =
     /// on for an upstream named `docker.io` or pointing at Docker Hub.
     #[serde(default)]
@@ -213,6 +217,7 @@ impl UpstreamSettings {
             prefix: None,
             username: String::new(),
             password: Secret::default(),
+            password_file: None,
             library_prefix: None,
             connect_timeout: defaults::connect_timeout(),
             response_timeout: defaults::response_timeout(),
