@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pullcache_actors::{
-    CacheSettings, EngineSettings, HealthSettings, StorageSettings, UpstreamSettings,
+    CacheSettings, EngineSettings, HealthSettings, LimitSettings, StorageSettings, UpstreamSettings,
 };
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,7 @@ pub struct Config {
     pub log: LogSettings,
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
+    pub limits: LimitSettings,
     /// The registries mirrored. Default: Docker Hub, as the default upstream.
     pub upstreams: Vec<UpstreamSettings>,
 }
@@ -44,6 +45,7 @@ impl Default for Config {
             log: LogSettings::default(),
             metrics: MetricsSettings::default(),
             telemetry: TelemetrySettings::default(),
+            limits: LimitSettings::default(),
             upstreams: vec![UpstreamSettings::docker_hub()],
         }
     }
@@ -248,6 +250,12 @@ impl Config {
         {
             return err("health: interval, timeout and threshold must be greater than zero".into());
         }
+        if self.limits.max_fills == 0 || self.limits.max_fills_per_upstream == 0 {
+            return err(
+                "limits.max_fills and limits.max_fills_per_upstream must be greater than zero"
+                    .into(),
+            );
+        }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return err(format!(
                 "metrics.listen: {:?} is not an address:port (e.g. \"127.0.0.1:5001\"), or \"\" for no metrics listener",
@@ -357,6 +365,7 @@ impl Config {
             storage: self.storage.clone(),
             cache: self.cache.clone(),
             health: self.health.clone(),
+            limits: self.limits.clone(),
             upstreams: self.upstreams.clone(),
         }
     }

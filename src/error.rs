@@ -154,7 +154,7 @@ impl From<EngineError> for ApiError {
                 retry_after: Some(30),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, msg)
             },
-            EngineError::DiskFull(_) => ApiError {
+            EngineError::DiskFull(_) | EngineError::Busy(_) => ApiError {
                 retry_after: Some(5),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, msg)
             },

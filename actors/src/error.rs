@@ -124,6 +124,9 @@ pub enum EngineError {
     /// The disk is full: the download could not be stored (it is streamed without storing).
     #[error("disk full: {0}")]
     DiskFull(String),
+    /// As many blob downloads as `limits` allow are in flight: try again shortly.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl EngineError {

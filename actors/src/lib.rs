@@ -113,8 +113,8 @@ pub use health::{HealthHandle, UpstreamHealth};
 pub use manifest_resolver::{ManifestAnswer, ManifestsHandle};
 pub use reference::Reference;
 pub use settings::{
-    CacheSettings, EngineSettings, HealthSettings, StorageSettings, UpstreamId, UpstreamNames,
-    UpstreamSettings,
+    CacheSettings, EngineSettings, HealthSettings, LimitSettings, StorageSettings, UpstreamId,
+    UpstreamNames, UpstreamSettings,
 };
 
 pub use metrics::{CacheOutcome, Kind, Metrics};
@@ -241,6 +241,7 @@ impl Engine {
             names.clone(),
             clock.clone(),
             metrics.clone(),
+            settings.limits.max_fills_per_upstream,
         );
         let health = health::Health::start(
             upstreams.clone(),
@@ -284,6 +285,7 @@ impl Engine {
             read_in: Arc::new(AtomicU64::new(0)),
             pending,
             metrics: metrics.clone(),
+            limits: settings.limits.clone(),
         });
         let manifests = manifest_resolver::ManifestResolver::start(
             meta.clone(),

@@ -471,12 +471,37 @@ impl UpstreamNames {
     }
 }
 
+/// `[limits]`: how much work one pullcache takes on at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Blob downloads in flight at once, over all upstreams. Past it, a request that would
+    /// start one is answered 503 with `Retry-After`; a request for a blob already being
+    /// downloaded joins that download and is never refused. Each download holds two
+    /// threads, a temporary file and an upstream connection.
+    pub max_fills: usize,
+    /// The same, per upstream. Also the size of the upstream's connection pool for blob
+    /// downloads, kept apart from the pool for manifests and tokens, so that downloads
+    /// never starve them.
+    pub max_fills_per_upstream: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            max_fills: 64,
+            max_fills_per_upstream: 32,
+        }
+    }
+}
+
 /// Everything the engine needs to start.
 #[derive(Debug, Clone, Default)]
 pub struct EngineSettings {
     pub storage: StorageSettings,
     pub cache: CacheSettings,
     pub health: HealthSettings,
+    pub limits: LimitSettings,
     pub upstreams: Vec<UpstreamSettings>,
 }
 

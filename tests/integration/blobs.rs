@@ -298,3 +298,56 @@ pub async fn wait_for(mut f: impl FnMut() -> bool) {
     }
     panic!("condition not reached within 10 s");
 }
+
+/// Past `limits.max_fills`, a request that would start one more download gets 503 with
+/// Retry-After; meanwhile a join of a download in flight, a cached blob and an uncached
+/// manifest are all served, and once the downloads end the refused blob is fetched.
+#[actix_rt::test]
+async fn downloads_past_the_cap_get_503_while_everything_else_is_served() {
+    let up = FakeUpstream::start();
+    let cached = up.add_blob(&data(990, 2_000));
+    let (a, b, c) = (
+        up.add_blob(&data(991, 300_000)),
+        up.add_blob(&data(992, 300_000)),
+        up.add_blob(&data(993, 300_000)),
+    );
+    let (md, _) = up.add_image("library/free", "1", &[data(994, 100)]);
+    let pc = Pullcache::start_cfg(vec![upstream("docker.io", &up.url(), true, None)], |cfg| {
+        cfg.limits.max_fills = 2;
+    });
+    let url = |d: &str| pc.url(&format!("/v2/library/x/blobs/{d}"));
+    let (st, _, _) = get(&url(&cached), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    pc.wait_stored(&cached).await;
+
+    up.knobs.use_gate.store(true, Ordering::SeqCst);
+    let mut first = client().get(url(&a)).send().await.expect("headers");
+    let mut second = client().get(url(&b)).send().await.expect("headers");
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(second.status(), StatusCode::OK);
+
+    // A third download: refused, with a retry hint.
+    let (st, h, body) = get(&url(&c), &[]).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&h, "retry-after"), Some("5"));
+    assert_eq!(error_code(&body), "UNAVAILABLE");
+    // Everything else goes on.
+    let mut join = client().get(url(&a)).send().await.expect("headers");
+    assert_eq!(join.status(), StatusCode::OK, "a join is never refused");
+    let (st, _, body) = get(&url(&cached), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256(&body.unwrap()), cached);
+    let (st, _, m) = get(&pc.url("/v2/free/manifests/1"), &[("accept", OCI_MANIFEST)]).await;
+    assert_eq!(st, StatusCode::OK, "manifests are not starved by downloads");
+    assert_eq!(sha256(&m.unwrap()), md);
+
+    up.open_gate();
+    for (r, d) in [(&mut first, &a), (&mut second, &b), (&mut join, &a)] {
+        assert_eq!(&sha256(&r.body().limit(1 << 20).await.unwrap()), d);
+    }
+    pc.wait_stored(&a).await;
+    pc.wait_stored(&b).await;
+    let (st, _, body) = get(&url(&c), &[]).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(sha256(&body.unwrap()), c);
+}

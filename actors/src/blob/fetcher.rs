@@ -31,7 +31,7 @@ use crate::metadata::{
 };
 use crate::metrics::{CacheOutcome, Held, Metrics};
 use crate::recovery::{self, Pending};
-use crate::settings::{UpstreamId, UpstreamNames};
+use crate::settings::{LimitSettings, UpstreamId, UpstreamNames};
 use crate::store::BlobStore;
 use crate::trace::{self, kv, Context as TraceCx, Step};
 use crate::upstream::UpstreamHandle;
@@ -91,6 +91,8 @@ pub struct FetcherDeps {
     /// Files found without a record at start and not re-checked yet.
     pub pending: Pending,
     pub metrics: Arc<Metrics>,
+    /// Caps on downloads in flight.
+    pub limits: LimitSettings,
 }
 
 pub struct BlobFetcher {
@@ -145,6 +147,27 @@ impl BlobFetcher {
             },
             outcome,
         )
+    }
+
+    /// Refuses a new download past `limits` (joining one in flight never comes here).
+    /// Direct streams (disk full) are not in the table and are not counted: they hold no
+    /// thread or file, only their connection from the upstream's bounded blob pool.
+    fn check_limits(&self, upstream: UpstreamId) -> Result<(), EngineError> {
+        let l = &self.d.limits;
+        if self.inflight.len() >= l.max_fills {
+            return Err(EngineError::Busy(format!(
+                "{} blob downloads in flight (limits.max_fills)",
+                l.max_fills
+            )));
+        }
+        let here = self.inflight.keys().filter(|k| k.0 == upstream).count();
+        if here >= l.max_fills_per_upstream {
+            return Err(EngineError::Busy(format!(
+                "{here} blob downloads in flight from {} (limits.max_fills_per_upstream)",
+                self.d.names.name(upstream)
+            )));
+        }
+        Ok(())
     }
 
     /// The fill table changed size.
@@ -377,6 +400,10 @@ impl Handler<OpenBlob> for BlobFetcher {
                     return Err(EngineError::UpstreamDown(
                         act.d.names.name(key.0).to_string(),
                     ));
+                }
+                if let Err(e) = act.check_limits(key.0) {
+                    step.fail(&e);
+                    return Err(e);
                 }
                 if act.d.disk.is_full(act.d.clock.now_ms()) {
                     let (tx, rx) = mpsc::channel(FILL_CHANNEL);

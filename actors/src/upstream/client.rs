@@ -32,7 +32,10 @@ mod requests;
 /// borrows are never held across an `.await`.
 pub(super) struct Conn {
     settings: UpstreamSettings,
+    /// Manifests, tag lists, tokens, blob sizes.
     client: awc::Client,
+    /// Blob downloads only (`limits.max_fills_per_upstream` connections).
+    blob_client: awc::Client,
     challenge: RefCell<Option<Challenge>>,
     tokens: RefCell<TokenCache>,
     /// The last rate-limit headers seen (Docker Hub's `ratelimit-*`).
@@ -49,13 +52,37 @@ impl Conn {
         clock: Clock,
         metrics: Arc<Metrics>,
         id: UpstreamId,
+        blob_connections: usize,
     ) -> Conn {
+        let client = Self::client(&settings, tls.clone(), 64);
+        // Blob downloads have a pool of their own: however many run, manifests, tag lists
+        // and tokens still get a connection.
+        let blob_client = Self::client(&settings, tls, blob_connections);
+        Conn {
+            settings,
+            client,
+            blob_client,
+            challenge: RefCell::new(None),
+            tokens: RefCell::new(TokenCache::default()),
+            quota: RefCell::new(None),
+            clock,
+            metrics,
+            id,
+        }
+    }
+
+    /// An awc client with a pool of at most `connections`.
+    fn client(
+        settings: &UpstreamSettings,
+        tls: Arc<rustls::ClientConfig>,
+        connections: usize,
+    ) -> awc::Client {
         let connector = awc::Connector::new()
             .rustls_0_23(tls)
             .timeout(settings.connect_timeout)
             .handshake_timeout(settings.connect_timeout)
-            .limit(256);
-        let client = awc::Client::builder()
+            .limit(connections);
+        awc::Client::builder()
             .connector(connector)
             .disable_timeout()
             .disable_redirects()
@@ -66,17 +93,7 @@ impl Conn {
             // The bytes as the upstream stores them: awc is built with decompression (the
             // tracing instrumentation turns it on), and blobs are verified as sent.
             .add_default_header((header::ACCEPT_ENCODING, "identity"))
-            .finish();
-        Conn {
-            settings,
-            client,
-            challenge: RefCell::new(None),
-            tokens: RefCell::new(TokenCache::default()),
-            quota: RefCell::new(None),
-            clock,
-            metrics,
-            id,
-        }
+            .finish()
     }
 
     /// This upstream's metrics.
@@ -128,6 +145,8 @@ struct Req<'a> {
     accept: Option<&'a str>,
     range: Option<String>,
     follow_redirects: bool,
+    /// A blob download: sent on the blob connection pool.
+    blob: bool,
 }
 
 impl<'a> Req<'a> {
@@ -147,6 +166,7 @@ impl<'a> Req<'a> {
             accept,
             range: None,
             follow_redirects: true,
+            blob: false,
         }
     }
 }
@@ -434,7 +454,12 @@ impl Conn {
     ) -> Result<ClientResponse, UpstreamError> {
         let mut attempt = 0;
         loop {
-            let mut r = self.client.request(req.method.clone(), url.as_str());
+            let pool = if req.blob {
+                &self.blob_client
+            } else {
+                &self.client
+            };
+            let mut r = pool.request(req.method.clone(), url.as_str());
             if let Some(a) = req.accept {
                 r = r.insert_header((header::ACCEPT, a));
             }

@@ -113,6 +113,7 @@ impl Upstreams {
         names: UpstreamNames,
         clock: Clock,
         metrics: Arc<Metrics>,
+        blob_connections: usize,
     ) -> UpstreamHandle {
         let arbiter = Arbiter::new();
         let mailbox = metrics.mailbox(ActorName::Upstream);
@@ -128,6 +129,7 @@ impl Upstreams {
                         clock.clone(),
                         metrics.clone(),
                         UpstreamId::new(i),
+                        blob_connections,
                     ))
                 })
                 .collect();

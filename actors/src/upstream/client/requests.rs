@@ -123,7 +123,10 @@ impl Conn {
             ]
         });
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
-        let req = Req::pull(Method::GET, url, repo, None, step.cx());
+        let req = Req {
+            blob: true,
+            ..Req::pull(Method::GET, url, repo, None, step.cx())
+        };
         let mut resp = match self.send(req).await {
             Ok(r) => r,
             Err(e) => {
