@@ -137,6 +137,20 @@ impl From<EngineError> for ApiError {
                 tracing::error!(error = %msg, "refusing upstream content");
                 ApiError::oci(StatusCode::BAD_GATEWAY, ErrorCode::DigestInvalid, msg)
             }
+            // Out of file descriptors: not a broken store but a full process table. Say so
+            // in the log, and let the client retry (the descriptors come back as responses
+            // end).
+            EngineError::Storage { ref source, .. } if out_of_descriptors(source) => {
+                tracing::warn!(error = %msg, "out of file descriptors: raise the open-file limit (ulimit -n, systemd LimitNOFILE) or lower limits.max_fills");
+                ApiError {
+                    retry_after: Some(5),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Code::Unavailable,
+                        "too many open files; try again shortly",
+                    )
+                }
+            }
             EngineError::Storage { .. } | EngineError::Metadata(_) | EngineError::Internal(_) => {
                 // The detail (with its source chain) goes to the log, not to the client.
                 tracing::error!(error = %msg, source = %std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default(), "storage failure");
@@ -205,9 +219,32 @@ fn upstream_error(u: UpstreamError) -> ApiError {
     }
 }
 
+/// EMFILE or ENFILE: the process's or the system's open-file table is full.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(e),
+        Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_file_descriptors_is_a_503_with_retry_after() {
+        for errno in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
+            let e = EngineError::storage(
+                "opening a stored blob",
+                std::io::Error::from_raw_os_error(errno.raw_os_error()),
+            );
+            let a = ApiError::from(e);
+            assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(a.retry_after, Some(5));
+        }
+        let e = EngineError::storage("opening a stored blob", std::io::ErrorKind::Other.into());
+        assert_eq!(ApiError::from(e).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
 
     #[test]
     fn codes_serialise_as_the_spec_names_them() {
