@@ -172,7 +172,7 @@ impl UpstreamMetrics {
     /// (time to the response headers).
     pub fn request(&self, method: &str, code: Option<u16>, elapsed: Duration) {
         let m = method_label(method);
-        let mut buf = itoa_buf();
+        let mut buf = [0u8; 3];
         let code = match code {
             Some(c) => code_str(c, &mut buf),
             None => "error",
@@ -209,10 +209,6 @@ fn method_index(m: &str) -> usize {
         "HEAD" => 1,
         _ => 2,
     }
-}
-
-fn itoa_buf() -> [u8; 3] {
-    [0; 3]
 }
 
 /// A status code's three digits (anything outside 100-599 is "other").
@@ -540,13 +536,13 @@ mod tests {
 
     #[test]
     fn codes_are_three_digits_or_other() {
-        let mut b = itoa_buf();
+        let mut b = [0u8; 3];
         assert_eq!(code_str(200, &mut b), "200");
-        let mut b = itoa_buf();
+        let mut b = [0u8; 3];
         assert_eq!(code_str(404, &mut b), "404");
-        let mut b = itoa_buf();
+        let mut b = [0u8; 3];
         assert_eq!(code_str(99, &mut b), "other");
-        let mut b = itoa_buf();
+        let mut b = [0u8; 3];
         assert_eq!(code_str(600, &mut b), "other");
     }
 

@@ -135,7 +135,7 @@ pub fn trace_id(cx: &Context) -> String {
     }
 }
 
-/// Keeps the `_ = span` pattern readable where a step only needs to cover a scope.
+/// An attribute (shorter than `KeyValue::new` in the many `vec![...]` of attributes).
 pub fn kv(key: &'static str, value: impl Into<opentelemetry::Value>) -> KeyValue {
     KeyValue::new(key, value)
 }

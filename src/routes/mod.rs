@@ -19,7 +19,7 @@ use pullcache_actors::trace::{kv, Context as TraceCx, Step};
 use pullcache_actors::{Engine, UpstreamId, UpstreamSettings};
 
 use crate::error::ApiError;
-use crate::telemetry::access::AccessRecord;
+use crate::telemetry::access::{AccessRecord, Handler};
 
 /// Shared, immutable request-handling state: the engine's handles and the routing table.
 pub struct AppState {
@@ -215,6 +215,12 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             truncate(path)
         )));
     };
+    // Parsed once: the access record's `handler` label comes from here too.
+    let endpoint = parse_endpoint(rest);
+    let record = AccessRecord::of(&req);
+    if let (Some(r), Some(e)) = (&record, &endpoint) {
+        r.handled_by(Handler::of_endpoint(e));
+    }
     let method = req.method();
     if method != Method::GET && method != Method::HEAD {
         // Every write (uploads, manifest PUTs, deletes), on any /v2 path.
@@ -222,7 +228,7 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             "{method} is not supported: pullcache is a read-only pull-through cache"
         )));
     }
-    let endpoint = parse_endpoint(rest)
+    let endpoint = endpoint
         .ok_or_else(|| ApiError::name_unknown(format!("no such endpoint: {}", truncate(path))))?;
     let head = method == Method::HEAD;
     let query = Query::parse(req.uri().query().unwrap_or(""));
@@ -236,7 +242,7 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     };
     validate_name(name)?;
     let routed = state.router.route(name, query.ns.as_deref())?;
-    if let Some(r) = AccessRecord::of(&req) {
+    if let Some(r) = &record {
         r.routed(routed.upstream);
     }
     // The choice, as a span of its own (ended at once: it is a decision, not work).

@@ -32,7 +32,7 @@ use prometheus::{Histogram, IntCounterVec, Opts};
 use pullcache_actors::metrics::{code_str, histogram_vec};
 use pullcache_actors::{CacheOutcome, Kind, Metrics, UpstreamId, UpstreamNames};
 
-use crate::routes::{parse_endpoint, Endpoint};
+use crate::routes::Endpoint;
 use crate::zerocopy::SlotRef;
 
 /// Longer paths are cut in the log (a 2 KiB garbage path is one line, not a screenful).
@@ -82,22 +82,27 @@ impl Handler {
         }
     }
 
-    /// The handler a path goes to (as `routes::configure` routes it).
-    pub fn of_path(path: &str) -> Handler {
+    /// The handler of a fixed path (probes, metrics); `Other` for the rest, which the
+    /// `/v2` dispatcher names when it has parsed the path ([`Handler::of_endpoint`]), so
+    /// a request's path is parsed once.
+    pub fn of_fixed_path(path: &str) -> Handler {
         match path {
-            "/readyz" | "/v2/_health" => return Handler::Readyz,
-            "/healthz" => return Handler::Healthz,
-            "/metrics" => return Handler::Metrics,
-            _ => {}
+            "/readyz" | "/v2/_health" => Handler::Readyz,
+            "/healthz" => Handler::Healthz,
+            "/metrics" => Handler::Metrics,
+            _ => Handler::Other,
         }
-        match path.strip_prefix("/v2").and_then(parse_endpoint) {
-            Some(Endpoint::Base) => Handler::Base,
-            Some(Endpoint::Catalog) => Handler::Catalog,
-            Some(Endpoint::Manifest { .. }) => Handler::Manifest,
-            Some(Endpoint::Blob { .. }) => Handler::Blob,
-            Some(Endpoint::Tags { .. }) => Handler::Tags,
-            Some(Endpoint::Referrers { .. }) => Handler::Referrers,
-            None => Handler::Other,
+    }
+
+    /// The handler of a parsed `/v2` endpoint.
+    pub fn of_endpoint(e: &Endpoint<'_>) -> Handler {
+        match e {
+            Endpoint::Base => Handler::Base,
+            Endpoint::Catalog => Handler::Catalog,
+            Endpoint::Manifest { .. } => Handler::Manifest,
+            Endpoint::Blob { .. } => Handler::Blob,
+            Endpoint::Tags { .. } => Handler::Tags,
+            Endpoint::Referrers { .. } => Handler::Referrers,
         }
     }
 
@@ -108,8 +113,8 @@ impl Handler {
 }
 
 /// What the route handlers add to a request's access event.
-#[derive(Default)]
 pub struct AccessRecord {
+    handler: Cell<Handler>,
     upstream: Cell<Option<UpstreamId>>,
     answer: Cell<Option<(Kind, CacheOutcome)>>,
     /// A body sent with `sendfile`: the connection's slot and its byte count at the start.
@@ -117,6 +122,20 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
+    fn new(handler: Handler) -> AccessRecord {
+        AccessRecord {
+            handler: Cell::new(handler),
+            upstream: Cell::new(None),
+            answer: Cell::new(None),
+            zero_copy: RefCell::new(None),
+        }
+    }
+
+    /// The `/v2` dispatcher parsed the path: this is what it asked for.
+    pub fn handled_by(&self, handler: Handler) {
+        self.handler.set(handler);
+    }
+
     /// The record of `req` (every request through [`Access`] has one).
     pub fn of(req: &HttpRequest) -> Option<Rc<AccessRecord>> {
         req.extensions().get::<Rc<AccessRecord>>().cloned()
@@ -238,14 +257,12 @@ where
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let start = Instant::now();
-        let record = Rc::new(AccessRecord::default());
+        let record = Rc::new(AccessRecord::new(Handler::of_fixed_path(req.path())));
         req.extensions_mut().insert(record.clone());
-        let handler = Handler::of_path(req.path());
         let mut info = Box::new(Finish {
             shared: self.shared.clone(),
             record,
             start,
-            handler,
             method: method_index(req.method()),
             req: None,
             status: StatusCode::INTERNAL_SERVER_ERROR,
@@ -293,7 +310,6 @@ struct Finish {
     shared: Arc<AccessShared>,
     record: Rc<AccessRecord>,
     start: Instant,
-    handler: Handler,
     /// Index into [`METHODS`].
     method: usize,
     /// The request, once routed (none if the service failed before a response).
@@ -330,6 +346,7 @@ impl Finish {
     /// `bytes`: counted from the body stream (a `sendfile` body's come from its slot).
     fn finish(&self, bytes: u64, complete: bool) {
         let elapsed = self.start.elapsed();
+        let handler = self.record.handler.get();
         let bytes = match &*self.record.zero_copy.borrow() {
             Some((slot, at_start)) => slot.total() - at_start,
             None => bytes,
@@ -342,10 +359,10 @@ impl Finish {
             .with_label_values(&[
                 METHODS[m],
                 code_str(self.status.as_u16(), &mut buf),
-                self.handler.as_str(),
+                handler.as_str(),
             ])
             .inc();
-        s.http.duration[self.handler as usize][m].observe(elapsed.as_secs_f64());
+        s.http.duration[handler as usize][m].observe(elapsed.as_secs_f64());
         let upstream = self.record.upstream.get();
         let answer = self.record.answer.get();
         if let (Some(u), Some((kind, outcome))) = (upstream, answer) {
@@ -381,7 +398,7 @@ impl Finish {
                 )
             };
         }
-        if self.handler.is_probe() {
+        if handler.is_probe() {
             event!(debug);
         } else if self.status.is_server_error() {
             event!(warn);
@@ -445,16 +462,22 @@ impl<B: MessageBody> Drop for LoggedBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::parse_endpoint;
 
     #[test]
     fn handlers_from_paths() {
-        assert_eq!(Handler::of_path("/v2/"), Handler::Base);
-        assert_eq!(Handler::of_path("/v2/a/b/manifests/x"), Handler::Manifest);
-        assert_eq!(Handler::of_path("/v2/a/blobs/sha256:x"), Handler::Blob);
-        assert_eq!(Handler::of_path("/v2/_health"), Handler::Readyz);
-        assert_eq!(Handler::of_path("/metrics"), Handler::Metrics);
-        assert_eq!(Handler::of_path("/nope"), Handler::Other);
-        assert_eq!(Handler::of_path("/v2/a/nope/x"), Handler::Other);
+        let of = |p: &str| {
+            p.strip_prefix("/v2")
+                .and_then(parse_endpoint)
+                .map_or(Handler::of_fixed_path(p), |e| Handler::of_endpoint(&e))
+        };
+        assert_eq!(of("/v2/"), Handler::Base);
+        assert_eq!(of("/v2/a/b/manifests/x"), Handler::Manifest);
+        assert_eq!(of("/v2/a/blobs/sha256:x"), Handler::Blob);
+        assert_eq!(Handler::of_fixed_path("/v2/_health"), Handler::Readyz);
+        assert_eq!(Handler::of_fixed_path("/metrics"), Handler::Metrics);
+        assert_eq!(of("/nope"), Handler::Other);
+        assert_eq!(of("/v2/a/nope/x"), Handler::Other);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 # Shared by the end-to-end suites (run.sh, resilience.sh); sourced, not run.
 #
-# Provides: logging and the pass/fail tally, the PID registry of every process
+# Provides: logging and the pass/fail tally (and `alive NAME`), the PID registry of every process
 # the suite starts (`start`, `stop`, `kill9`), the cleanup trap (stops the
 # processes in STOP_ORDER, then any other, unmounts leftovers, removes the
 # work directories unless KEEP_WORK=1, prints the tally of an aborted run),
@@ -24,6 +24,18 @@ die() {
     DIE_MSG=$*
     printf '[%4ds] ERROR: %s\n' "$((SECONDS - START))" "$*" >&2
     exit 1
+}
+
+# alive NAME: a check that the mirror NAME still runs.
+alive() {
+    local rc
+    if running "$1"; then
+        pass "$1 still running"
+    else
+        wait "${PIDS[$1]}" 2>/dev/null && rc=0 || rc=$?
+        PIDS[$1]=
+        fail "$1 still running" "it exited with status $rc"
+    fi
 }
 
 # Is something accepting connections on 127.0.0.1:$1?

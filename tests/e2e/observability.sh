@@ -645,12 +645,6 @@ for n, l in enumerate(lines, 1):
 print("%d lines" % len(lines))
 PY
 
-if running mirror; then
-    pass "pullcache still running"
-else
-    wait "${PIDS[mirror]}" 2>/dev/null && rc=0 || rc=$?
-    PIDS[mirror]=
-    fail "pullcache still running" "it exited with status $rc"
-fi
+alive mirror
 
 summary "pullcache ($BIN), metrics $METRICS, Prometheus $PROM"

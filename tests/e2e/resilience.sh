@@ -139,18 +139,6 @@ run_mirror() {
     wait_http "$name" "http://$MIRROR/v2/" 30
 }
 
-# alive NAME: a check that the mirror NAME still runs.
-alive() {
-    local rc
-    if running "$1"; then
-        pass "$1 still running"
-    else
-        wait "${PIDS[$1]}" 2>/dev/null && rc=0 || rc=$?
-        PIDS[$1]=
-        fail "$1 still running" "it exited with status $rc"
-    fi
-}
-
 # check_skopeo_raw NAME REF DIGEST: `skopeo inspect --raw` through the mirror.
 check_skopeo_raw() {
     local name=$1 ref=$2 want=$3 f got

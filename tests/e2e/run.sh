@@ -326,13 +326,7 @@ for img in "${IMAGES[@]}"; do check_skopeo offline "$img"; done
 
 check_catalog offline
 
-if kill -0 "${PIDS[mirror]}" 2>/dev/null; then
-    pass "mirror still running after all pulls"
-else
-    wait "${PIDS[mirror]}" 2>/dev/null && rc=0 || rc=$?
-    PIDS[mirror]=
-    fail "mirror still running after all pulls" "it exited with status $rc"
-fi
+alive mirror
 
 # ------------------------------------------------------------------ summary
 summary "${STANDIN:-pullcache ($BIN)}"

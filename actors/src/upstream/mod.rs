@@ -301,6 +301,18 @@ pub struct UpstreamHandle {
 }
 
 impl UpstreamHandle {
+    /// Sends `m` and waits for the answer, counted in the actor's mailbox depth until it
+    /// comes (or this future is dropped).
+    async fn ask<M>(&self, m: M) -> Result<M::Result, MailboxError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        Upstreams: Handler<M>,
+    {
+        let _queued = self.mailbox.sent();
+        self.addr.send(m).await
+    }
+
     /// The upstream actor did not answer (it stopped): an error naming the upstream.
     fn gone(&self, upstream: UpstreamId) -> impl FnOnce(MailboxError) -> UpstreamError + '_ {
         move |e| UpstreamError::Connect {
@@ -317,17 +329,15 @@ impl UpstreamHandle {
         head: bool,
         cx: &TraceCx,
     ) -> Result<UpstreamManifest, UpstreamError> {
-        let _queued = self.mailbox.sent();
-        self.addr
-            .send(FetchManifest {
-                upstream,
-                repo: repo.into(),
-                reference: reference.into(),
-                head,
-                cx: cx.clone(),
-            })
-            .await
-            .map_err(self.gone(upstream))?
+        self.ask(FetchManifest {
+            upstream,
+            repo: repo.into(),
+            reference: reference.into(),
+            head,
+            cx: cx.clone(),
+        })
+        .await
+        .map_err(self.gone(upstream))?
     }
 
     pub async fn head_blob(
@@ -337,16 +347,14 @@ impl UpstreamHandle {
         digest: &Digest,
         cx: &TraceCx,
     ) -> Result<u64, UpstreamError> {
-        let _queued = self.mailbox.sent();
-        self.addr
-            .send(HeadBlob {
-                upstream,
-                repo: repo.into(),
-                digest: digest.clone(),
-                cx: cx.clone(),
-            })
-            .await
-            .map_err(self.gone(upstream))?
+        self.ask(HeadBlob {
+            upstream,
+            repo: repo.into(),
+            digest: digest.clone(),
+            cx: cx.clone(),
+        })
+        .await
+        .map_err(self.gone(upstream))?
     }
 
     pub fn start_download(
@@ -367,16 +375,13 @@ impl UpstreamHandle {
     }
 
     pub async fn probe(&self, upstream: UpstreamId, timeout: Duration) -> Result<Duration, String> {
-        let _queued = self.mailbox.sent();
-        self.addr
-            .send(Probe { upstream, timeout })
+        self.ask(Probe { upstream, timeout })
             .await
             .map_err(|e| format!("upstream client unavailable: {e}"))?
     }
 
     pub async fn quota(&self, upstream: UpstreamId) -> Option<Quota> {
-        let _queued = self.mailbox.sent();
-        self.addr.send(GetQuota { upstream }).await.ok().flatten()
+        self.ask(GetQuota { upstream }).await.ok().flatten()
     }
 
     pub async fn tags(
@@ -387,17 +392,15 @@ impl UpstreamHandle {
         last: Option<String>,
         cx: &TraceCx,
     ) -> Result<TagsPage, UpstreamError> {
-        let _queued = self.mailbox.sent();
-        self.addr
-            .send(FetchTags {
-                upstream,
-                repo: repo.into(),
-                n,
-                last,
-                cx: cx.clone(),
-            })
-            .await
-            .map_err(self.gone(upstream))?
+        self.ask(FetchTags {
+            upstream,
+            repo: repo.into(),
+            n,
+            last,
+            cx: cx.clone(),
+        })
+        .await
+        .map_err(self.gone(upstream))?
     }
 }
 
