@@ -154,7 +154,7 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        use config::{Environment, File, FileFormat};
+        use config::{File, FileFormat};
         let env: std::collections::HashMap<String, String> = env
             .into_iter()
             // Only PULLCACHE_<SECTION>__<KEY>: other PULLCACHE_* variables (PULLCACHE_BIN in
@@ -169,6 +169,22 @@ impl Config {
             Some(p) => builder.add_source(File::from(p).format(FileFormat::Toml).required(true)),
             None => builder.add_source(File::from_str(EMBEDDED, FileFormat::Toml)),
         };
+        Self::build(builder, env)
+    }
+
+    /// A configuration from TOML text (no file, no environment): what the config fuzz
+    /// target feeds, through the same layers, expansion and validation as a file.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        use config::{File, FileFormat};
+        let builder = config::Config::builder().add_source(File::from_str(text, FileFormat::Toml));
+        Self::build(builder, Default::default())
+    }
+
+    fn build(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+        env: std::collections::HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        use config::Environment;
         let built = builder
             .add_source(
                 Environment::with_prefix("PULLCACHE")
@@ -345,6 +361,9 @@ impl Config {
                 if d.is_zero() {
                     return err(format!("{key}.{field}: must be greater than zero"));
                 }
+            }
+            if u.ca.is_some() || u.client_cert.is_some() || u.client_key.is_some() {
+                pullcache_actors::upstream::client_tls(u).map_err(|e| ConfigError(format!("{key}.{e}")))?;
             }
             if u.username.is_empty() != u.password.is_empty() {
                 return err(format!(

@@ -175,6 +175,9 @@ pub enum StartError {
         #[source]
         source: recovery::RecoveryError,
     },
+    /// An upstream's TLS files (`ca`, `client_cert`, `client_key`).
+    #[error("upstreams[{index}].{message}")]
+    UpstreamTls { index: usize, message: String },
 }
 
 impl Engine {
@@ -183,6 +186,22 @@ impl Engine {
     /// counted), then starts the actors. Files without a record are re-hashed in the
     /// background. Must run inside an actix `System`, once per process.
     pub fn start(settings: EngineSettings, clock: Clock) -> Result<Engine, StartError> {
+        // First what needs no disk: a bad TLS file stops the start before anything is written.
+        let tls = settings
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(index, u)| {
+                if u.insecure_skip_verify {
+                    tracing::warn!(
+                        upstream = %u.name,
+                        "upstreams[{index}].insecure_skip_verify is on: any certificate is accepted from {}, so anyone on the path can impersonate it",
+                        u.url
+                    );
+                }
+                upstream::client_tls(u).map_err(|message| StartError::UpstreamTls { index, message })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let root = settings.storage.root.clone();
         let store = BlobStore::open(&root).map_err(|source| StartError::Store {
             root: root.clone(),
@@ -238,6 +257,7 @@ impl Engine {
         }
         let upstreams = Upstreams::start(
             settings.upstreams.clone(),
+            tls,
             names.clone(),
             clock.clone(),
             metrics.clone(),

@@ -186,6 +186,21 @@ pub struct UpstreamSettings {
     /// images not cached yet.
     #[serde(default = "defaults::min_quota")]
     pub min_quota: u64,
+    /// A PEM file of CA certificates trusted for this upstream, in addition to the built-in
+    /// web roots and the system's (a private registry behind a private CA).
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
+    /// A PEM certificate chain presented to an upstream that asks for a client certificate
+    /// (with `client_key`).
+    #[serde(default)]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `client_cert` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(default)]
+    pub client_key: Option<std::path::PathBuf>,
+    /// Accept any certificate from this upstream: no chain, name or expiry check. For a
+    /// test registry only; pullcache warns at start-up while it is on.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// The defaults of an `[[upstreams]]` entry's optional keys (serde and
@@ -224,6 +239,10 @@ impl UpstreamSettings {
             idle_timeout: defaults::idle_timeout(),
             tag_ttl: None,
             min_quota: defaults::min_quota(),
+            ca: None,
+            client_cert: None,
+            client_key: None,
+            insecure_skip_verify: false,
         }
     }
 

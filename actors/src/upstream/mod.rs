@@ -14,6 +14,7 @@
 //! HTTP logic of one upstream (`Conn`).
 
 mod client;
+mod tls;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::trace::Context as TraceCx;
 use client::Conn;
 
 pub use client::MAX_MANIFEST_BYTES;
+pub use tls::{client_config as client_tls, read_certs, read_key};
 
 /// What a blob download reports, in order: `Headers` once, then `Chunk`s, then `End` — or
 /// `Failed` at any point. The channel carrying these is bounded, so a slow reader (the
@@ -90,26 +92,13 @@ impl Actor for Upstreams {
     type Context = Context<Self>;
 }
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
-}
-
 impl Upstreams {
     /// Starts the actor on a new arbiter (thread). The returned handle is `Send + Clone`.
-    /// `names` are the names of `settings`, in the same order.
+    /// `names` are the names of `settings`, and `tls` their TLS client configurations
+    /// ([`client_tls`]), in the same order.
     pub fn start(
         settings: Vec<UpstreamSettings>,
+        tls: Vec<Arc<rustls::ClientConfig>>,
         names: UpstreamNames,
         clock: Clock,
         metrics: Arc<Metrics>,
@@ -118,14 +107,14 @@ impl Upstreams {
         let arbiter = Arbiter::new();
         let mailbox = metrics.mailbox(ActorName::Upstream);
         let addr = Upstreams::start_in_arbiter(&arbiter.handle(), move |_| {
-            let tls = tls_config();
             let conns = settings
                 .into_iter()
+                .zip(tls)
                 .enumerate()
-                .map(|(i, s)| {
+                .map(|(i, (s, tls))| {
                     Rc::new(Conn::new(
                         s,
-                        tls.clone(),
+                        tls,
                         clock.clone(),
                         metrics.clone(),
                         UpstreamId::new(i),
