@@ -363,7 +363,8 @@ impl Config {
                 }
             }
             if u.ca.is_some() || u.client_cert.is_some() || u.client_key.is_some() {
-                pullcache_actors::upstream::client_tls(u).map_err(|e| ConfigError(format!("{key}.{e}")))?;
+                pullcache_actors::upstream::client_tls(u)
+                    .map_err(|e| ConfigError(format!("{key}.{e}")))?;
             }
             if u.username.is_empty() != u.password.is_empty() {
                 return err(format!(

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod routes;

@@ -31,6 +31,10 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Write a root CA, an intermediate CA, a server certificate chain and a client
+    /// certificate, and print which file goes where (pullcache, Docker, containerd,
+    /// Prometheus).
+    Certs(pullcache::certs::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("pullcache: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Certs(args) => match pullcache::certs::generate(&args) {
+            Ok(w) => {
+                print!("{}", pullcache::certs::instructions(&args, &w));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("pullcache certs: {e}");
                 ExitCode::from(2)
             }
         },
