@@ -17,6 +17,8 @@ use pullcache_actors::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::tls::TlsSettings;
+
 /// The embedded default configuration (a Docker Hub mirror on 127.0.0.1:5000, data in ./data).
 pub const EMBEDDED: &str = include_str!("../config/pullcache.toml");
 
@@ -63,8 +65,10 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     /// Send cached blob bytes with `sendfile(2)` (page cache to socket, no copy through
-    /// pullcache). `false` reads and writes them like any other body.
+    /// pullcache). `false` reads and writes them like any other body. Not through TLS.
     pub zero_copy: bool,
+    /// `[server.tls]`: HTTPS on `listen` (see [`crate::tls`]).
+    pub tls: TlsSettings,
 }
 
 impl Default for ServerSettings {
@@ -74,6 +78,7 @@ impl Default for ServerSettings {
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
             zero_copy: true,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -104,12 +109,15 @@ impl Default for LogSettings {
 pub struct MetricsSettings {
     /// Address and port of `/metrics` and `/healthz`; `""` turns the listener off.
     pub listen: String,
+    /// `[metrics.tls]`: HTTPS, and with `client_ca` client certificates (mutual TLS).
+    pub tls: TlsSettings,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             listen: "127.0.0.1:5001".into(),
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -272,6 +280,14 @@ impl Config {
                     .into(),
             );
         }
+        self.server
+            .tls
+            .validate("server.tls")
+            .map_err(ConfigError)?;
+        self.metrics
+            .tls
+            .validate("metrics.tls")
+            .map_err(ConfigError)?;
         self.validate_observability()?;
         self.validate_upstreams()
     }

@@ -9,4 +9,5 @@ pub mod error;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod zerocopy;

@@ -102,7 +102,7 @@ fn main() -> ExitCode {
 async fn serve(cfg: Config) -> Result<(), String> {
     let running = pullcache::server::start(&cfg, Clock::system(), true)?;
     for a in &running.addrs {
-        tracing::info!(listen = %a, root = %cfg.storage.root.display(), upstreams = cfg.upstreams.len(), "pullcache serving");
+        tracing::info!(listen = %a, tls = cfg.server.tls.enabled(), root = %cfg.storage.root.display(), upstreams = cfg.upstreams.len(), "pullcache serving");
     }
     let result = running.server.await.map_err(|e| e.to_string());
     // In-flight responses have finished (or the shutdown timeout passed): make metadata durable.

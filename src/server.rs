@@ -18,10 +18,12 @@ use actix_web::rt::net::TcpStream;
 use actix_web::{web, App};
 use opentelemetry_instrumentation_actix_web::RequestTracing;
 use pullcache_actors::{Clock, Engine, UpstreamNames};
+use tokio_rustls::server::TlsStream;
 
 use crate::config::Config;
 use crate::routes::{self, AppState, Router};
 use crate::telemetry::access::{Access, AccessShared, HttpMetrics};
+use crate::tls::Acceptor;
 use crate::zerocopy::{ConnIo, ZeroCopy};
 
 /// Pending connections the kernel queues for us (actix-web's default).
@@ -81,6 +83,10 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
     let shutdown = builder.graceful_shutdown_signal();
     let zero_copy = config.server.zero_copy && cfg!(target_os = "linux");
     let shared = Arc::new(ZeroCopy::new(engine.metrics().zero_copy_bytes.clone()));
+    let tls = match config.server.tls.enabled() {
+        true => Some(Acceptor::new(&config.server.tls, "server.tls")?),
+        false => None,
+    };
     let mut addrs = Vec::new();
     for lst in listeners {
         let addr = lst
@@ -88,8 +94,27 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
             .map_err(|e| format!("server.listen: {e}"))?;
         addrs.push(addr);
         let (shutdown, counter, app) = (shutdown.clone(), shared.clone(), app.clone());
-        builder = builder
-            .listen(format!("pullcache-{addr}"), lst, move || {
+        let name = format!("pullcache-{addr}");
+        builder = match tls.clone() {
+            Some(tls) => builder.listen(name, lst, move || {
+                let shutdown = shutdown.clone();
+                // No sendfile through TLS (the bytes are encrypted in user space): blob
+                // bodies are streamed like any other body.
+                let http = HttpService::<TlsStream<TcpStream>, _, _, _, _>::build()
+                    .graceful_shutdown_signal(move || {
+                        let s = shutdown.clone();
+                        async move { s.notified().await }
+                    })
+                    .client_request_timeout(Duration::from_secs(5))
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .local_addr(addr)
+                    .finish(map_config(
+                        app().into_factory().map_err(|e| e.error_response()),
+                        |_| AppConfig::default(),
+                    ));
+                tls_service(tls.clone()).and_then(http)
+            }),
+            None => builder.listen(name, lst, move || {
                 let shutdown = shutdown.clone();
                 let counter = counter.clone();
                 let http = HttpService::<ConnIo, _, _, _, _>::build()
@@ -131,8 +156,9 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                     }
                 })
                 .and_then(http)
-            })
-            .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
+            }),
+        }
+        .map_err(|e| format!("server.listen: cannot listen on {listen}: {e}"))?;
     }
     let metrics_addrs = if config.metrics.listen.is_empty() {
         Vec::new()
@@ -162,9 +188,37 @@ async fn tls_handshake(io: &TcpStream) -> bool {
     }
 }
 
-/// Adds the metrics listener (`metrics.listen`): `/metrics` and `/healthz`, plain HTTP on
-/// actix-http's own service. Its own service factory, so that TLS with client certificates
-/// can be put in front of it alone.
+/// The first step of a TLS listener's connections: the handshake (bounded in time), then
+/// HTTP/1.1 on the decrypted stream. A failed handshake (a plain-HTTP client, an old TLS
+/// version, no or a wrong client certificate) closes the connection with one debug line.
+fn tls_service(
+    tls: Acceptor,
+) -> impl actix_service::ServiceFactory<
+    TcpStream,
+    Config = (),
+    Response = (TlsStream<TcpStream>, Protocol, Option<SocketAddr>),
+    Error = actix_http::error::DispatchError,
+    InitError = (),
+> {
+    fn_service(move |io: TcpStream| {
+        let tls = tls.clone();
+        async move {
+            let _ = io.set_nodelay(true);
+            let peer = io.peer_addr().ok();
+            match tls.accept(io).await {
+                Ok(stream) => Ok((stream, Protocol::Http1, peer)),
+                Err(e) => {
+                    tracing::debug!(client = ?peer, error = %e, "TLS handshake failed");
+                    Err(actix_http::error::DispatchError::Io(e))
+                }
+            }
+        }
+    })
+}
+
+/// Adds the metrics listener (`metrics.listen`): `/metrics` and `/healthz`, on actix-http's
+/// own service; with `[metrics.tls]`, behind TLS, and with `client_ca` only for clients
+/// that show a certificate signed by it.
 fn metrics_listener(
     mut builder: actix_server::ServerBuilder,
     config: &Config,
@@ -174,27 +228,44 @@ fn metrics_listener(
     let listen = &config.metrics.listen;
     let listeners =
         bind(listen).map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))?;
+    let tls = match config.metrics.tls.enabled() {
+        true => Some(Acceptor::new(&config.metrics.tls, "metrics.tls")?),
+        false => None,
+    };
     let mut addrs = Vec::new();
     for lst in listeners {
         let addr = lst
             .local_addr()
             .map_err(|e| format!("metrics.listen: {e}"))?;
         addrs.push(addr);
-        let (engine, access) = (engine.clone(), access.clone());
-        builder = builder
-            .listen(format!("pullcache-metrics-{addr}"), lst, move || {
-                let (engine, access) = (engine.clone(), access.clone());
-                let app = App::new()
-                    .app_data(web::Data::new(engine))
-                    .wrap(Access(access))
-                    .configure(routes::base::configure_metrics);
+        let (engine, access, tls) = (engine.clone(), access.clone(), tls.clone());
+        let name = format!("pullcache-metrics-{addr}");
+        let app = move || {
+            App::new()
+                .app_data(web::Data::new(engine.clone()))
+                .wrap(Access(access.clone()))
+                .configure(routes::base::configure_metrics)
+        };
+        builder = match tls {
+            Some(tls) => builder.listen(name, lst, move || {
+                let http = HttpService::<TlsStream<TcpStream>, _, _, _, _>::build()
+                    .client_request_timeout(Duration::from_secs(5))
+                    .local_addr(addr)
+                    .finish(map_config(
+                        app().into_factory().map_err(|e| e.error_response()),
+                        |_| AppConfig::default(),
+                    ));
+                tls_service(tls.clone()).and_then(http)
+            }),
+            None => builder.listen(name, lst, move || {
                 HttpService::build()
                     .client_request_timeout(Duration::from_secs(5))
                     .local_addr(addr)
-                    .h1(map_config(app, |_| AppConfig::default()))
+                    .h1(map_config(app(), |_| AppConfig::default()))
                     .tcp()
-            })
-            .map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))?;
+            }),
+        }
+        .map_err(|e| format!("metrics.listen: cannot listen on {listen}: {e}"))?;
     }
     Ok((builder, addrs))
 }

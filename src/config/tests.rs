@@ -141,9 +141,25 @@ fn value_of(c: &Config, key: &str) -> serde_json::Value {
     let json = serde_json::to_value(c).unwrap();
     match key.strip_prefix("upstreams[].") {
         Some(k) => json["upstreams"][0][k].clone(),
+        None => key.split('.').fold(json, |v, k| v[k].clone()),
+    }
+}
+
+/// Adds every key under `prefix` of `v` to `out`: nested sections (`server.tls`) are
+/// flattened to `server.tls.cert`; lists are values.
+fn flatten(
+    prefix: &str,
+    v: &serde_json::Value,
+    out: &mut std::collections::BTreeMap<String, serde_json::Value>,
+) {
+    match v.as_object() {
+        Some(o) => {
+            for (k, value) in o {
+                flatten(&format!("{prefix}.{k}"), value, out);
+            }
+        }
         None => {
-            let (section, k) = key.split_once('.').unwrap();
-            json[section][k].clone()
+            out.insert(prefix.to_string(), v.clone());
         }
     }
 }
@@ -160,9 +176,7 @@ fn code_defaults() -> std::collections::BTreeMap<String, serde_json::Value> {
     let json = serde_json::to_value(Config::default()).unwrap();
     for (section, v) in json.as_object().unwrap() {
         if section != "upstreams" {
-            for (k, value) in v.as_object().unwrap() {
-                out.insert(format!("{section}.{k}"), value.clone());
-            }
+            flatten(section, v, &mut out);
         }
     }
     let up = serde_json::to_value(&one.upstreams[0]).unwrap();
@@ -232,7 +246,7 @@ fn the_readme_table_states_every_key_with_its_default() {
                         "[[upstreams]]\nname = \"example\"\nurl = \"https://example.com\"\n{k} = {lit}\n"
                     ),
                     None => {
-                        let (section, k) = key.split_once('.').unwrap();
+                        let (section, k) = key.rsplit_once('.').unwrap();
                         format!("[{section}]\n{k} = {lit}\n")
                     }
                 };

@@ -11,5 +11,6 @@ mod cache_policy;
 mod manifests;
 mod observability;
 mod restart;
+mod tls;
 mod traces;
 mod zero_copy;

@@ -490,7 +490,7 @@ async fn cdn(req: HttpRequest, s: web::Data<Shared>) -> HttpResponse {
 /// pullcache running in this test's actix System, with a manual clock.
 pub struct Pullcache {
     pub base: String,
-    /// `http://<metrics listener>`.
+    /// `http(s)://<metrics listener>`.
     pub metrics_base: String,
     pub root: tempfile::TempDir,
     pub clock: Clock,
@@ -539,11 +539,16 @@ impl Pullcache {
         f(&mut cfg);
         let clock = Clock::manual();
         let running = pullcache::server::start(&cfg, clock.clone(), false).unwrap();
-        let base = format!("http://{}", running.addrs[0]);
+        let scheme = |on: bool| if on { "https" } else { "http" };
+        let base = format!(
+            "{}://{}",
+            scheme(cfg.server.tls.enabled()),
+            running.addrs[0]
+        );
         let metrics_base = running
             .metrics_addrs
             .first()
-            .map(|a| format!("http://{a}"))
+            .map(|a| format!("{}://{a}", scheme(cfg.metrics.tls.enabled())))
             .unwrap_or_default();
         let handle = running.server.handle();
         // The server runs (accepts, dispatches to workers) while its future is polled.
