@@ -17,6 +17,7 @@ use pullcache_actors::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::auth::AuthSettings;
 use crate::tls::TlsSettings;
 
 /// The embedded default configuration (a Docker Hub mirror on 127.0.0.1:5000, data in ./data).
@@ -33,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsSettings,
     pub telemetry: TelemetrySettings,
     pub limits: LimitSettings,
+    /// `[auth]`: client authentication and access rules (off without `htpasswd`).
+    pub auth: AuthSettings,
     /// The registries mirrored. Default: Docker Hub, as the default upstream.
     pub upstreams: Vec<UpstreamSettings>,
 }
@@ -48,6 +51,7 @@ impl Default for Config {
             metrics: MetricsSettings::default(),
             telemetry: TelemetrySettings::default(),
             limits: LimitSettings::default(),
+            auth: AuthSettings::default(),
             upstreams: vec![UpstreamSettings::docker_hub()],
         }
     }
@@ -289,7 +293,9 @@ impl Config {
             .validate("metrics.tls")
             .map_err(ConfigError)?;
         self.validate_observability()?;
-        self.validate_upstreams()
+        self.validate_upstreams()?;
+        let names: Vec<String> = self.upstreams.iter().map(|u| u.name.clone()).collect();
+        self.auth.validate(&names).map_err(ConfigError)
     }
 
     /// `[metrics]`, `[telemetry]`, `[log]`.

@@ -39,6 +39,8 @@ pub struct ApiError {
     pub code: Code,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// A `WWW-Authenticate` challenge (401s).
+    pub challenge: Option<String>,
 }
 
 impl ApiError {
@@ -48,7 +50,21 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            challenge: None,
         }
+    }
+
+    /// 401 UNAUTHORIZED with a Basic challenge in `realm`.
+    pub fn unauthorized(realm: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            challenge: Some(format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")),
+            ..ApiError::oci(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+        }
+    }
+
+    /// 403 DENIED: authenticated, but not allowed by the access rules.
+    pub fn denied(message: impl Into<String>) -> ApiError {
+        ApiError::oci(StatusCode::FORBIDDEN, ErrorCode::Denied, message)
     }
 
     pub fn oci(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -96,6 +112,9 @@ impl ResponseError for ApiError {
         r.content_type("application/json");
         if let Some(s) = self.retry_after {
             r.insert_header((header::RETRY_AFTER, s.to_string()));
+        }
+        if let Some(c) = &self.challenge {
+            r.insert_header((header::WWW_AUTHENTICATE, c.as_str()));
         }
         r.body(self.body().to_string())
     }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod error;
@@ -10,4 +11,5 @@ pub mod routes;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod watch;
 pub mod zerocopy;

@@ -35,6 +35,93 @@ enum Command {
     /// certificate, and print which file goes where (pullcache, Docker, containerd,
     /// Prometheus).
     Certs(pullcache::certs::CertsArgs),
+    /// Manage the users of an htpasswd file (`[auth] htpasswd`): bcrypt entries only. A
+    /// running pullcache reloads the file by itself.
+    Htpasswd {
+        #[command(subcommand)]
+        action: HtpasswdAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum HtpasswdAction {
+    /// Add a user, or set a new password for one. The password is read from standard input
+    /// (its first line), or prompted for on a terminal.
+    Add {
+        #[arg(long, short)]
+        file: PathBuf,
+        user: String,
+    },
+    /// Remove a user.
+    Remove {
+        #[arg(long, short)]
+        file: PathBuf,
+        user: String,
+    },
+    /// List the users.
+    List {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+}
+
+/// `pullcache htpasswd ...`.
+fn htpasswd(action: HtpasswdAction) -> Result<(), String> {
+    use pullcache::auth::file;
+    match action {
+        HtpasswdAction::Add { file: f, user } => {
+            use std::io::{BufRead, IsTerminal, Write};
+            let stdin = std::io::stdin();
+            // On a terminal: a prompt, and the password not echoed.
+            let echo = if stdin.is_terminal() {
+                eprint!("password for {user}: ");
+                let _ = std::io::stderr().flush();
+                rustix::termios::tcgetattr(&stdin).ok().inspect(|t| {
+                    let mut quiet = t.clone();
+                    quiet.local_modes.remove(rustix::termios::LocalModes::ECHO);
+                    let _ = rustix::termios::tcsetattr(
+                        &stdin,
+                        rustix::termios::OptionalActions::Now,
+                        &quiet,
+                    );
+                })
+            } else {
+                None
+            };
+            let mut password = String::new();
+            let read = stdin.lock().read_line(&mut password);
+            if let Some(t) = echo {
+                let _ =
+                    rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &t);
+                eprintln!();
+            }
+            read.map_err(|e| format!("reading the password: {e}"))?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.is_empty() {
+                return Err("empty password".into());
+            }
+            let replaced = file::add(&f, &user, password)?;
+            eprintln!(
+                "{} {user} in {}",
+                if replaced { "updated" } else { "added" },
+                f.display()
+            );
+            Ok(())
+        }
+        HtpasswdAction::Remove { file: f, user } => match file::remove(&f, &user)? {
+            true => {
+                eprintln!("removed {user} from {}", f.display());
+                Ok(())
+            }
+            false => Err(format!("{user} is not in {}", f.display())),
+        },
+        HtpasswdAction::List { file: f } => {
+            for u in file::list(&f)? {
+                println!("{u}");
+            }
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,6 +144,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("pullcache certs: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Htpasswd { action } => match htpasswd(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pullcache htpasswd: {e}");
                 ExitCode::from(2)
             }
         },

@@ -43,10 +43,12 @@ pub struct Running {
 /// Starts the engine and binds the HTTP server. Must be called inside an actix `System`.
 /// `handle_signals`: stop gracefully on SIGTERM/SIGINT (the daemon); tests stop by handle.
 pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Running, String> {
+    let auth = crate::auth::Auth::start(&config.auth)?;
     let engine = Engine::start(config.engine_settings(), clock).map_err(|e| e.to_string())?;
     let state = web::Data::new(AppState {
         engine: engine.clone(),
         router: Router::new(&config.upstreams),
+        auth,
     });
     let access = Arc::new(AccessShared {
         http: HttpMetrics::new(engine.metrics()),

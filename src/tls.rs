@@ -2,18 +2,16 @@
 //! TLS 1.2 and 1.3 only (or 1.3 only), and only rustls's cipher suites, which are all
 //! AEAD with forward secrecy (no CBC, no RSA key exchange).
 //!
-//! Certificates are reloaded without a restart: a thread per listener ([`watch`]) looks at
-//! the files' metadata every [`POLL`] and, when one changed, builds a whole new
-//! `ServerConfig` from them. New connections take the current one; connections already
-//! open keep theirs. A file that does not load (half written, key not matching, not PEM)
-//! keeps the previous configuration and logs an error; the next change is tried again.
-//! Polling the metadata of two or three files costs nothing, and unlike inotify it follows
-//! the symlink swaps of cert-manager and certbot.
+//! Certificates are reloaded without a restart ([`crate::watch`]): when one of the files
+//! changed, a whole new `ServerConfig` is built from them. New connections take the
+//! current one; connections already open keep theirs. A file that does not load (half
+//! written, key not matching, not PEM) keeps the previous configuration and logs an error;
+//! the next change is tried again.
 
 use std::io;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock, Weak};
-use std::time::{Duration, SystemTime};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use actix_web::rt::net::TcpStream;
 use pullcache_actors::upstream::{read_certs, read_key};
@@ -22,8 +20,7 @@ use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 use tokio_rustls::server::TlsStream;
 
-/// How often the certificate files are looked at.
-pub const POLL: Duration = Duration::from_secs(2);
+pub use crate::watch::POLL;
 /// A client that has not finished its handshake by then is dropped (a slowloris on the
 /// handshake would otherwise hold the connection forever).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,12 +133,25 @@ impl Acceptor {
             .server_config()
             .map_err(|e| format!("{section}.{e}"))?;
         let current = Arc::new(RwLock::new(cfg));
-        let weak = Arc::downgrade(&current);
-        let settings = settings.clone();
-        std::thread::Builder::new()
-            .name("pullcache-tls-reload".into())
-            .spawn(move || watch(weak, settings, section))
-            .map_err(|e| format!("{section}: cannot start the reload thread: {e}"))?;
+        let s = settings.clone();
+        crate::watch::spawn(
+            "tls",
+            settings.files(),
+            Arc::downgrade(&current),
+            move |current: &RwLock<Arc<ServerConfig>>| match s.server_config() {
+                Ok(cfg) => {
+                    *current.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+                    tracing::info!(
+                        cert = %s.cert.as_deref().unwrap_or(Path::new("")).display(),
+                        "{section}: certificate reloaded"
+                    );
+                }
+                Err(e) => tracing::error!(
+                    "{section}.{e}: keeping the certificate loaded before (the next change of the files is tried again)"
+                ),
+            },
+        )
+        .map_err(|e| format!("{section}: cannot start the reload thread: {e}"))?;
         Ok(Acceptor { current })
     }
 
@@ -163,56 +173,6 @@ impl Acceptor {
                 io::ErrorKind::TimedOut,
                 "TLS handshake timed out",
             )),
-        }
-    }
-}
-
-/// What identifies a file's content without reading it.
-type Stamp = Option<(SystemTime, u64, u64)>;
-
-fn stamps(files: &[PathBuf]) -> Vec<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    files
-        .iter()
-        .map(|f| {
-            // `metadata` follows symlinks: a swapped link target is a new inode.
-            std::fs::metadata(f).ok().map(|m| {
-                (
-                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    m.len(),
-                    m.ino(),
-                )
-            })
-        })
-        .collect()
-}
-
-/// The reload loop of one listener (its own thread: loading is file I/O and parsing, kept
-/// off the HTTP workers).
-fn watch(current: Weak<RwLock<Arc<ServerConfig>>>, settings: TlsSettings, section: &str) {
-    let files = settings.files();
-    let mut seen = stamps(&files);
-    loop {
-        std::thread::sleep(POLL);
-        let Some(current) = current.upgrade() else {
-            return;
-        };
-        let now = stamps(&files);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        match settings.server_config() {
-            Ok(cfg) => {
-                *current.write().unwrap_or_else(|p| p.into_inner()) = cfg;
-                tracing::info!(
-                    cert = %settings.cert.as_deref().unwrap_or_else(|| std::path::Path::new("")).display(),
-                    "{section}: certificate reloaded"
-                );
-            }
-            Err(e) => tracing::error!(
-                "{section}.{e}: keeping the certificate loaded before (the next change of the files is tried again)"
-            ),
         }
     }
 }

@@ -153,12 +153,13 @@ fn flatten(
     out: &mut std::collections::BTreeMap<String, serde_json::Value>,
 ) {
     match v.as_object() {
-        Some(o) => {
+        // A map (`auth.groups`) with nothing in it by default is one key.
+        Some(o) if !o.is_empty() => {
             for (k, value) in o {
                 flatten(&format!("{prefix}.{k}"), value, out);
             }
         }
-        None => {
+        _ => {
             out.insert(prefix.to_string(), v.clone());
         }
     }

@@ -1,12 +1,14 @@
 //! `/v2/` (the version check every client makes first) and `/healthz` (liveness).
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::AppState;
+use crate::auth::Caller;
 
 use super::manifest::head_response;
 
-/// 200 `{}`: pullcache does not authenticate its clients, so it never challenges.
+/// 200 `{}`. With `[auth]`, the caller has passed it already (a client without
+/// credentials got the 401 challenge that makes it send them).
 pub fn version_check(head: bool) -> HttpResponse {
     let mut r = HttpResponse::Ok();
     r.content_type("application/json");
@@ -45,12 +47,26 @@ pub async fn healthz() -> HttpResponse {
 /// can serve (storage writable, metadata answering), 503 when it cannot. Upstreams being
 /// down does not make it unready; their state, last probe, latency and quota are in the
 /// JSON body, with the disk budget and the sweeper's state.
-pub async fn readiness(state: web::Data<AppState>) -> HttpResponse {
+///
+/// With `[auth]`, a caller without valid credentials sees only the state: upstream names,
+/// errors and quota are for authenticated users.
+pub async fn readiness(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let r = state.engine.readiness().await;
     let mut resp = if r.ready {
         HttpResponse::Ok()
     } else {
         HttpResponse::ServiceUnavailable()
     };
-    resp.json(r)
+    let full = match &state.auth {
+        None => true,
+        Some(auth) => matches!(auth.identify(&req).await, Ok(Caller::User(_))),
+    };
+    if full {
+        resp.json(r)
+    } else {
+        resp.json(serde_json::json!({
+            "ready": r.ready,
+            "status": if r.ready { "ready" } else { "unavailable" },
+        }))
+    }
 }

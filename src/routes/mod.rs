@@ -18,6 +18,7 @@ use pullcache_actors::reference::{validate_name, MAX_NAME_LEN};
 use pullcache_actors::trace::{kv, Context as TraceCx, Step};
 use pullcache_actors::{Engine, UpstreamId, UpstreamSettings};
 
+use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
 use crate::telemetry::access::{AccessRecord, Handler};
 
@@ -25,6 +26,8 @@ use crate::telemetry::access::{AccessRecord, Handler};
 pub struct AppState {
     pub engine: Engine,
     pub router: Router,
+    /// Client authentication (`[auth]`); none: every request is served.
+    pub auth: Option<std::sync::Arc<Auth>>,
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -231,10 +234,15 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     let endpoint = endpoint
         .ok_or_else(|| ApiError::name_unknown(format!("no such endpoint: {}", truncate(path))))?;
     let head = method == Method::HEAD;
+    // Credentials before anything else is looked at (a wrong password waits here).
+    let caller = match &state.auth {
+        Some(auth) => auth.identify(&req).await?,
+        None => Caller::Open,
+    };
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let name = match &endpoint {
         Endpoint::Base => return Ok(base::version_check(head)),
-        Endpoint::Catalog => return tags::catalog(&req, &state, &query).await,
+        Endpoint::Catalog => return tags::catalog(&req, &state, &query, &caller).await,
         Endpoint::Manifest { name, .. }
         | Endpoint::Blob { name, .. }
         | Endpoint::Tags { name }
@@ -244,6 +252,11 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
     let routed = state.router.route(name, query.ns.as_deref())?;
     if let Some(r) = &record {
         r.routed(routed.upstream);
+    }
+    if let Some(auth) = &state.auth {
+        if !auth.allows(&caller, state.router.name(routed.upstream), &routed.repo) {
+            return Err(auth.refusal(&caller, name));
+        }
     }
     // The choice, as a span of its own (ended at once: it is a decision, not work).
     Step::child(&routed.cx, "route", || {

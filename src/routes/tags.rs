@@ -6,6 +6,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{AppState, Query, Routed};
+use crate::auth::Caller;
 use crate::error::{ApiError, Code};
 
 pub async fn list(
@@ -36,6 +37,7 @@ pub async fn catalog(
     req: &HttpRequest,
     state: &web::Data<AppState>,
     q: &Query,
+    caller: &Caller,
 ) -> Result<HttpResponse, ApiError> {
     let n = Some(parse_n(q)?.unwrap_or(100));
     let mut names: Vec<String> = state
@@ -43,6 +45,13 @@ pub async fn catalog(
         .repositories()
         .await?
         .into_iter()
+        // Only what the caller may pull is listed.
+        .filter(|(u, repo)| {
+            state
+                .auth
+                .as_ref()
+                .is_none_or(|a| a.allows(caller, state.router.name(*u), repo))
+        })
         .map(|(u, repo)| state.router.client_name(u, &repo))
         .collect();
     names.sort();

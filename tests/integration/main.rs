@@ -8,6 +8,7 @@ mod auth_and_routing;
 mod bad_input;
 mod blobs;
 mod cache_policy;
+mod client_auth;
 mod manifests;
 mod observability;
 mod restart;
