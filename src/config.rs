@@ -71,6 +71,15 @@ pub struct ServerSettings {
     /// Send cached blob bytes with `sendfile(2)` (page cache to socket, no copy through
     /// pullcache). `false` reads and writes them like any other body. Not through TLS.
     pub zero_copy: bool,
+    /// Client connections open at once; past it a new one is answered 503 with
+    /// `Retry-After` and closed (see [`crate::conn`]).
+    pub max_connections: usize,
+    /// The same, per client address.
+    pub max_connections_per_client: usize,
+    /// A response whose client has read nothing for this long is ended and its connection
+    /// closed (what holds a blob file open for a client that stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// `[server.tls]`: HTTPS on `listen` (see [`crate::tls`]).
     pub tls: TlsSettings,
 }
@@ -82,6 +91,9 @@ impl Default for ServerSettings {
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
             zero_copy: true,
+            max_connections: 4096,
+            max_connections_per_client: 512,
+            send_timeout: Duration::from_secs(60),
             tls: TlsSettings::default(),
         }
     }
@@ -257,6 +269,12 @@ impl Config {
                 "server.listen: {:?} is not an address:port (e.g. \"127.0.0.1:5000\")",
                 self.server.listen
             ));
+        }
+        if self.server.max_connections == 0
+            || self.server.max_connections_per_client == 0
+            || self.server.send_timeout.is_zero()
+        {
+            return err("server.max_connections, server.max_connections_per_client and server.send_timeout must be greater than zero".into());
         }
         if self.storage.root.as_os_str().is_empty() {
             return err("storage.root: must not be empty".into());

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod certs;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod routes;
 pub mod server;

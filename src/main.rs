@@ -193,7 +193,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft limit of open files to the hard one, as nginx (`worker_rlimit_nofile`)
+/// and Go programs do: every connection, fill and blob being sent holds descriptors, and
+/// the usual soft limit of 1024 runs out long before `server.max_connections`. Warns when
+/// even the hard limit is below what the configured caps can use.
+fn raise_open_files_limit(cfg: &Config) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let want = lim.maximum;
+    let now = match want {
+        Some(max) if lim.current.is_some_and(|c| c < max) => {
+            match setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(max),
+                    maximum: lim.maximum,
+                },
+            ) {
+                Ok(()) => Some(max),
+                Err(_) => lim.current,
+            }
+        }
+        _ => lim.current,
+    };
+    // A connection is one descriptor, plus the blob file it sends; a fill holds a socket,
+    // a temporary file and a pipe; sled and the listeners take a few dozen more.
+    let needed = (2 * cfg.server.max_connections + 4 * cfg.limits.max_fills + 256) as u64;
+    match now {
+        Some(n) if n < needed => tracing::warn!(
+            open_files = n,
+            needed,
+            "the open-files limit (ulimit -n) is below what server.max_connections and limits.max_fills can use: raise it (LimitNOFILE= in systemd) or lower them; running out gives 503s"
+        ),
+        _ => tracing::debug!(open_files = ?now, "open-files limit"),
+    }
+}
+
 async fn serve(cfg: Config) -> Result<(), String> {
+    raise_open_files_limit(&cfg);
     let running = pullcache::server::start(&cfg, Clock::system(), true)?;
     for a in &running.addrs {
         tracing::info!(listen = %a, tls = cfg.server.tls.enabled(), root = %cfg.storage.root.display(), upstreams = cfg.upstreams.len(), "pullcache serving");

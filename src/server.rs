@@ -21,6 +21,7 @@ use pullcache_actors::{Clock, Engine, UpstreamNames};
 use tokio_rustls::server::TlsStream;
 
 use crate::config::Config;
+use crate::conn::{ConnLimiter, Guarded};
 use crate::routes::{self, AppState, Router};
 use crate::telemetry::access::{Access, AccessShared, HttpMetrics};
 use crate::tls::Acceptor;
@@ -28,6 +29,8 @@ use crate::zerocopy::{ConnIo, ZeroCopy};
 
 /// Pending connections the kernel queues for us (actix-web's default).
 const BACKLOG: i32 = 1024;
+/// Connections the metrics listener takes at once (scrapers and probes).
+const METRICS_CONNECTIONS: usize = 64;
 
 /// A started pullcache: the HTTP server (await it to run until a signal) and its engine.
 pub struct Running {
@@ -89,6 +92,12 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
         true => Some(Acceptor::new(&config.server.tls, "server.tls")?),
         false => None,
     };
+    let limiter = ConnLimiter::new(
+        config.server.max_connections,
+        config.server.max_connections_per_client,
+        &engine.metrics().registry,
+    );
+    let send_timeout = config.server.send_timeout;
     let mut addrs = Vec::new();
     for lst in listeners {
         let addr = lst
@@ -96,13 +105,14 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
             .map_err(|e| format!("server.listen: {e}"))?;
         addrs.push(addr);
         let (shutdown, counter, app) = (shutdown.clone(), shared.clone(), app.clone());
+        let limiter = limiter.clone();
         let name = format!("pullcache-{addr}");
         builder = match tls.clone() {
             Some(tls) => builder.listen(name, lst, move || {
                 let shutdown = shutdown.clone();
                 // No sendfile through TLS (the bytes are encrypted in user space): blob
                 // bodies are streamed like any other body.
-                let http = HttpService::<TlsStream<TcpStream>, _, _, _, _>::build()
+                let http = HttpService::<Guarded<TlsStream<TcpStream>>, _, _, _, _>::build()
                     .graceful_shutdown_signal(move || {
                         let s = shutdown.clone();
                         async move { s.notified().await }
@@ -114,12 +124,12 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                         app().into_factory().map_err(|e| e.error_response()),
                         |_| AppConfig::default(),
                     ));
-                tls_service(tls.clone()).and_then(http)
+                tls_service(tls.clone(), Some((limiter.clone(), send_timeout))).and_then(http)
             }),
             None => builder.listen(name, lst, move || {
                 let shutdown = shutdown.clone();
                 let counter = counter.clone();
-                let http = HttpService::<ConnIo, _, _, _, _>::build()
+                let http = HttpService::<Guarded<ConnIo>, _, _, _, _>::build()
                     .graceful_shutdown_signal(move || {
                         let s = shutdown.clone();
                         async move { s.notified().await }
@@ -127,9 +137,9 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                     .client_request_timeout(Duration::from_secs(5))
                     .client_disconnect_timeout(Duration::from_secs(1))
                     .local_addr(addr)
-                    .on_connect_ext(move |io: &ConnIo, ext| {
+                    .on_connect_ext(move |io: &Guarded<ConnIo>, ext| {
                         if zero_copy {
-                            ext.insert(io.slot());
+                            ext.insert(io.get_ref().slot());
                         }
                     })
                     .finish(map_config(
@@ -137,13 +147,34 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                         // The app does not build URLs from its host or address.
                         |_| AppConfig::default(),
                     ));
+                let limiter = limiter.clone();
                 fn_service(move |io: TcpStream| {
                     let counter = counter.clone();
+                    let limiter = limiter.clone();
                     async move {
+                        let peer = io.peer_addr().ok();
+                        let slot = match limiter.acquire(peer.map(|p| p.ip())) {
+                            Ok(s) => s,
+                            Err(why) => {
+                                // Told in one write (a new socket always has room for it;
+                                // bounded anyway), then closed.
+                                let mut io = io;
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    tokio::io::AsyncWriteExt::write_all(
+                                        &mut io,
+                                        &crate::conn::refusal(why),
+                                    ),
+                                )
+                                .await;
+                                return Err(actix_http::error::DispatchError::Io(
+                                    std::io::ErrorKind::ConnectionRefused.into(),
+                                ));
+                            }
+                        };
                         // The response head and a small body are separate writes on the
                         // sendfile path: do not let Nagle hold the second one back.
                         let _ = io.set_nodelay(true);
-                        let peer = io.peer_addr().ok();
                         if tls_handshake(&io).await {
                             crate::telemetry::tls_on_plain_port(peer);
                             return Err(actix_http::error::DispatchError::Io(
@@ -151,7 +182,7 @@ pub fn start(config: &Config, clock: Clock, handle_signals: bool) -> Result<Runn
                             ));
                         }
                         Ok::<_, actix_http::error::DispatchError>((
-                            ConnIo::new(io, counter),
+                            Guarded::new(ConnIo::new(io, counter), slot, send_timeout),
                             Protocol::Http1,
                             peer,
                         ))
@@ -195,20 +226,42 @@ async fn tls_handshake(io: &TcpStream) -> bool {
 /// version, no or a wrong client certificate) closes the connection with one debug line.
 fn tls_service(
     tls: Acceptor,
+    limits: Option<(Arc<ConnLimiter>, Duration)>,
 ) -> impl actix_service::ServiceFactory<
     TcpStream,
     Config = (),
-    Response = (TlsStream<TcpStream>, Protocol, Option<SocketAddr>),
+    Response = (Guarded<TlsStream<TcpStream>>, Protocol, Option<SocketAddr>),
     Error = actix_http::error::DispatchError,
     InitError = (),
 > {
+    // The metrics listener (no limits given): one connection per scraper, and loopback by
+    // default; its own counter, so a flood of the registry port cannot lock scrapes out.
+    let (limiter, send_timeout) = limits.unwrap_or_else(|| {
+        (
+            ConnLimiter::new(
+                METRICS_CONNECTIONS,
+                METRICS_CONNECTIONS,
+                &Default::default(),
+            ),
+            Duration::from_secs(60),
+        )
+    });
     fn_service(move |io: TcpStream| {
-        let tls = tls.clone();
+        let (tls, limiter) = (tls.clone(), limiter.clone());
         async move {
-            let _ = io.set_nodelay(true);
             let peer = io.peer_addr().ok();
+            // Refused before the handshake, which is the expensive part: no 503 (it would
+            // have to be encrypted), the connection is just closed.
+            let slot = limiter.acquire(peer.map(|p| p.ip())).map_err(|_| {
+                actix_http::error::DispatchError::Io(std::io::ErrorKind::ConnectionRefused.into())
+            })?;
+            let _ = io.set_nodelay(true);
             match tls.accept(io).await {
-                Ok(stream) => Ok((stream, Protocol::Http1, peer)),
+                Ok(stream) => Ok((
+                    Guarded::new(stream, slot, send_timeout),
+                    Protocol::Http1,
+                    peer,
+                )),
                 Err(e) => {
                     tracing::debug!(client = ?peer, error = %e, "TLS handshake failed");
                     Err(actix_http::error::DispatchError::Io(e))
@@ -250,14 +303,14 @@ fn metrics_listener(
         };
         builder = match tls {
             Some(tls) => builder.listen(name, lst, move || {
-                let http = HttpService::<TlsStream<TcpStream>, _, _, _, _>::build()
+                let http = HttpService::<Guarded<TlsStream<TcpStream>>, _, _, _, _>::build()
                     .client_request_timeout(Duration::from_secs(5))
                     .local_addr(addr)
                     .finish(map_config(
                         app().into_factory().map_err(|e| e.error_response()),
                         |_| AppConfig::default(),
                     ));
-                tls_service(tls.clone()).and_then(http)
+                tls_service(tls.clone(), None).and_then(http)
             }),
             None => builder.listen(name, lst, move || {
                 HttpService::build()

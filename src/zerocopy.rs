@@ -72,7 +72,17 @@ impl ConnIo {
     pub fn slot(&self) -> SlotRef {
         SlotRef(self.slot.clone())
     }
+}
 
+impl crate::conn::Progress for ConnIo {
+    /// A file region goes out over many `poll_write` calls that return `Pending` until all
+    /// of it is sent: the send timeout looks at these bytes to see that it moves.
+    fn sent_bytes(&self) -> u64 {
+        self.slot.total.get()
+    }
+}
+
+impl ConnIo {
     /// Sends the job's file region; `Ready(Ok)` when all of it is in the socket.
     fn send_region(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut sent = 0usize;

@@ -9,6 +9,7 @@ mod bad_input;
 mod blobs;
 mod cache_policy;
 mod client_auth;
+mod connections;
 mod manifests;
 mod observability;
 mod restart;
