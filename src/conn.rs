@@ -189,6 +189,21 @@ impl<T: Progress> Guarded<T> {
         &self.io
     }
 
+    /// A write's or flush's result: progress stops the stall timer, `Pending` starts it (or
+    /// fails once it fired).
+    fn watch<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match r {
+            Poll::Pending => match self.check_stall(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+            r => {
+                self.stalled = None;
+                r
+            }
+        }
+    }
+
     /// After the inner write returned `Pending`: an error once the stall has lasted
     /// `send_timeout` (the timer also wakes the task then).
     fn check_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -231,30 +246,14 @@ impl<T: AsyncWrite + Progress + Unpin> AsyncWrite for Guarded<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending => match this.check_stall(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-            r => {
-                this.stalled = None;
-                r
-            }
-        }
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, r)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_flush(cx) {
-            Poll::Pending => match this.check_stall(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-            r => {
-                this.stalled = None;
-                r
-            }
-        }
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
