@@ -201,6 +201,12 @@ pub struct UpstreamSettings {
     /// test registry only; pullcache warns at start-up while it is on.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// Hosts a redirect from this upstream may lead to, besides its own: exact names or
+    /// `*.example.com`. Empty (the default): any host with public addresses only (no
+    /// loopback, private, link-local or metadata address), unless the upstream is itself
+    /// on such an address.
+    #[serde(default)]
+    pub redirect_hosts: Vec<String>,
 }
 
 /// The defaults of an `[[upstreams]]` entry's optional keys (serde and
@@ -243,6 +249,7 @@ impl UpstreamSettings {
             client_cert: None,
             client_key: None,
             insecure_skip_verify: false,
+            redirect_hosts: Vec::new(),
         }
     }
 

@@ -159,3 +159,36 @@ async fn listens_on_every_address_the_name_resolves_to() {
     }
     handle.stop(false).await;
 }
+
+/// `redirect_hosts`: a redirect to a host not listed is refused (nothing is fetched from
+/// it, and the client gets an error, not the bytes), a listed one is followed.
+#[actix_rt::test]
+async fn redirect_targets_follow_redirect_hosts() {
+    let up = FakeUpstream::start();
+    up.knobs.redirect_blobs.store(true, Ordering::SeqCst);
+    let (_, layers) = up.add_image("library/redir", "1", &[data(42, 5000)]);
+    // The upstream by name ("localhost"); its redirects go to 127.0.0.1, another host.
+    let by_name = up.url().replace("127.0.0.1", "localhost");
+    let path = format!("/v2/library/redir/blobs/{}", layers[0]);
+    for (hosts, followed) in [
+        (vec!["cdn.example.com".to_string()], false),
+        (
+            vec!["*.example.com".to_string(), "127.0.0.1".to_string()],
+            true,
+        ),
+    ] {
+        let mut u = upstream("docker.io", &by_name, true, None);
+        u.redirect_hosts = hosts.clone();
+        let pc = Pullcache::start_with(vec![u]);
+        let before = Counts::get(&up.counts.cdn_get);
+        let (st, _, body) = get(&pc.url(&path), &[]).await;
+        if followed {
+            assert_eq!(st, StatusCode::OK, "{hosts:?}");
+            assert_eq!(sha256(&body.unwrap()), layers[0]);
+            assert_eq!(Counts::get(&up.counts.cdn_get), before + 1);
+        } else {
+            assert!(st.is_server_error(), "{hosts:?}: {st}");
+            assert_eq!(Counts::get(&up.counts.cdn_get), before, "{hosts:?}");
+        }
+    }
+}
