@@ -306,3 +306,31 @@ fn sizes_patterns_and_urls_fail_naming_their_key() {
     let c = load_str("[storage]\nmax_size = \" 2GiB \"\n", &[]).unwrap();
     assert_eq!(c.storage.max_size.unwrap().as_u64(), 2 << 30);
 }
+
+#[test]
+fn upstream_tls_files_fail_naming_their_key() {
+    let up = |extra: &str| {
+        format!("[[upstreams]]\nname = \"r.example\"\nurl = \"https://r.example\"\n{extra}\n")
+    };
+    let e = load_str(&up("ca = \"/nonexistent/ca.crt\""), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("upstreams[0].ca") && e.contains("/nonexistent/ca.crt"),
+        "{e}"
+    );
+    let e = load_str(&up("client_cert = \"/nonexistent/c.crt\""), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upstreams[0].client_key"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let e = load_str(&up(&format!("ca = {:?}", junk.display().to_string())), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("upstreams[0].ca") && e.contains("no PEM certificate"),
+        "{e}"
+    );
+}

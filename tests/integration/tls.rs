@@ -324,3 +324,65 @@ fn tls_settings_errors_name_their_key() {
     }
     assert!(server_tls(d).validate("server.tls").is_ok());
 }
+
+/// Upstream TLS, against pullcache itself serving HTTPS in front of the fake upstream:
+/// a private CA through `ca`, a client certificate for an upstream that wants one, and
+/// `insecure_skip_verify`; without them the upstream is not trusted.
+#[actix_rt::test]
+async fn upstreams_behind_a_private_ca_and_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let up = FakeUpstream::start();
+    let (_, layers) = up.add_image("library/private", "1", &[data(88, 4000)]);
+    // The "private registry": HTTPS, wanting client certificates from our CA.
+    let private = Pullcache::start_cfg(vec![upstream("docker.io", &up.url(), true, None)], |c| {
+        c.server.tls = TlsSettings {
+            client_ca: Some(dir.path().join("ca.crt")),
+            ..server_tls(dir.path())
+        }
+    });
+    let url = private.base.replace("127.0.0.1", "localhost");
+    let path = format!("/v2/library/private/blobs/{}", layers[0]);
+    let mirror = |f: &dyn Fn(&mut pullcache_actors::UpstreamSettings)| {
+        let mut u = upstream("docker.io", &url, true, None);
+        f(&mut u);
+        Pullcache::start_with(vec![u])
+    };
+    let ca = Some(dir.path().join("ca.crt"));
+    let cert = Some(dir.path().join("client.crt"));
+    let key = Some(dir.path().join("client.key"));
+    for (what, pc, ok) in [
+        ("no ca", mirror(&|_| {}), false),
+        (
+            "ca, no client certificate",
+            mirror(&|u| u.ca = ca.clone()),
+            false,
+        ),
+        (
+            "ca and client certificate",
+            mirror(&|u| {
+                u.ca = ca.clone();
+                u.client_cert = cert.clone();
+                u.client_key = key.clone();
+            }),
+            true,
+        ),
+        (
+            "insecure_skip_verify and client certificate",
+            mirror(&|u| {
+                u.insecure_skip_verify = true;
+                u.client_cert = cert.clone();
+                u.client_key = key.clone();
+            }),
+            true,
+        ),
+    ] {
+        let (st, _, body) = get(&pc.url(&path), &[]).await;
+        if ok {
+            assert_eq!(st, 200, "{what}");
+            assert_eq!(sha256(&body.unwrap()), layers[0], "{what}");
+        } else {
+            assert!(st.is_server_error(), "{what}: {st}");
+        }
+    }
+}
