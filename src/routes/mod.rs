@@ -239,6 +239,9 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         Some(auth) => auth.identify(&req).await?,
         None => Caller::Open,
     };
+    if let (Some(r), Some(user)) = (&record, caller.name()) {
+        r.user(user);
+    }
     let query = Query::parse(req.uri().query().unwrap_or(""));
     let name = match &endpoint {
         Endpoint::Base => return Ok(base::version_check(head)),

@@ -117,6 +117,8 @@ pub struct AccessRecord {
     handler: Cell<Handler>,
     upstream: Cell<Option<UpstreamId>>,
     answer: Cell<Option<(Kind, CacheOutcome)>>,
+    /// Who the request authenticated as (`[auth]`).
+    user: RefCell<Option<String>>,
     /// A body sent with `sendfile`: the connection's slot and its byte count at the start.
     zero_copy: RefCell<Option<(SlotRef, u64)>>,
 }
@@ -127,6 +129,7 @@ impl AccessRecord {
             handler: Cell::new(handler),
             upstream: Cell::new(None),
             answer: Cell::new(None),
+            user: RefCell::new(None),
             zero_copy: RefCell::new(None),
         }
     }
@@ -134,6 +137,11 @@ impl AccessRecord {
     /// The `/v2` dispatcher parsed the path: this is what it asked for.
     pub fn handled_by(&self, handler: Handler) {
         self.handler.set(handler);
+    }
+
+    /// The request authenticated as `user` (or `anonymous`).
+    pub fn user(&self, user: &str) {
+        *self.user.borrow_mut() = Some(user.to_string());
     }
 
     /// The record of `req` (every request through [`Access`] has one).
@@ -378,6 +386,8 @@ impl Finish {
             .unwrap_or(("", ""));
         let ms = elapsed.as_secs_f64() * 1000.0;
         let req = self.req.as_ref();
+        let user = self.record.user.borrow();
+        let user = user.as_deref().unwrap_or("");
         macro_rules! event {
             ($level:ident) => {
                 tracing::$level!(
@@ -391,6 +401,7 @@ impl Finish {
                     ms,
                     complete,
                     upstream,
+                    user,
                     r#type = kind,
                     outcome,
                     trace_id = %self.trace_id,
