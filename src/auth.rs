@@ -135,12 +135,42 @@ impl AuthSettings {
                     ));
                 }
             }
-            for p in &r.repositories {
-                RepoPattern::new(p).map_err(|e| format!("auth.rules[{i}].repositories: {e}"))?;
-            }
         }
-        Ok(())
+        self.compiled_rules().map(|_| ())
     }
+
+    /// The rules as checked per request: who (users, and the members of the groups named),
+    /// which upstreams, which repository patterns.
+    fn compiled_rules(&self) -> Result<Vec<Rule>, String> {
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut who = r.users.clone();
+                for g in &r.groups {
+                    who.extend(self.groups.get(g).cloned().unwrap_or_default());
+                }
+                let patterns = r
+                    .repositories
+                    .iter()
+                    .map(|p| RepoPattern::new(p))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("auth.rules[{i}].repositories: {e}"))?;
+                Ok(Rule {
+                    who,
+                    upstreams: r.upstreams.clone(),
+                    patterns,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One compiled `[[auth.rules]]` entry.
+struct Rule {
+    who: Vec<String>,
+    upstreams: Vec<String>,
+    patterns: Vec<RepoPattern>,
 }
 
 /// A repository glob: `*` one path component, `**` any number (also none).
@@ -286,7 +316,7 @@ pub struct Auth {
     remembered: Mutex<HashMap<String, [u8; 32]>>,
     salt: [u8; 32],
     verifying: tokio::sync::Semaphore,
-    rules: Vec<(Vec<String>, Vec<String>, Vec<RepoPattern>)>,
+    rules: Vec<Rule>,
 }
 
 /// What went wrong with the credentials of a request (kept inside; the client sees 401).
@@ -307,22 +337,7 @@ impl Auth {
             return Ok(None);
         };
         let users = Htpasswd::read(&path).map_err(|e| format!("auth.htpasswd: {e}"))?;
-        let rules = settings
-            .rules
-            .iter()
-            .map(|r| {
-                let mut who = r.users.clone();
-                for g in &r.groups {
-                    who.extend(settings.groups.get(g).cloned().unwrap_or_default());
-                }
-                let pats = r
-                    .repositories
-                    .iter()
-                    .map(|p| RepoPattern::new(p))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((who, r.upstreams.clone(), pats))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let rules = settings.compiled_rules()?;
         let auth = Arc::new(Auth {
             settings: settings.clone(),
             users: RwLock::new(Arc::new(users)),
@@ -450,13 +465,14 @@ impl Auth {
         if self.rules.is_empty() {
             return true;
         }
-        self.rules.iter().any(|(who, ups, pats)| {
-            who.iter()
+        self.rules.iter().any(|r| {
+            r.who
+                .iter()
                 .any(|w| w == name || (w == "*" && *caller != Caller::Anonymous))
-                && ups
+                && r.upstreams
                     .iter()
                     .any(|u| u == "*" || u.eq_ignore_ascii_case(upstream))
-                && pats.iter().any(|p| p.matches(repo))
+                && r.patterns.iter().any(|p| p.matches(repo))
         })
     }
 

@@ -339,7 +339,10 @@ password = "upstream-secret-2718"
         String::from_utf8_lossy(&printed.stdout)
     );
     assert!(text.contains("library/app"), "the log has the requests");
-    assert!(text.contains("user=\"alice\""), "the access log names the user: {text}");
+    assert!(
+        text.contains("user=\"alice\""),
+        "the access log names the user: {text}"
+    );
     for secret in [
         "client-secret-3141",
         "wrong-secret-1618",

@@ -2,8 +2,7 @@
 //! followed by hand, timeouts, retries, and the answers turned into values or
 //! [`UpstreamError`]s. Runs on the upstream actor's thread only (see [`super`]).
 
-use std::cell::{Cell, RefCell};
-use std::net::IpAddr;
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use awc::ClientResponse;
 use opentelemetry_instrumentation_actix_web::ClientExt;
 use url::Url;
 
+use super::redirect::RedirectPolicy;
 use super::{parse_ratelimit, Quota};
 use crate::auth::{self, Challenge, TokenCache, TokenResponse};
 use crate::clock::Clock;
@@ -44,9 +44,8 @@ pub(super) struct Conn {
     clock: Clock,
     metrics: Arc<Metrics>,
     id: UpstreamId,
-    /// Whether the upstream's own host has a non-public address (then its redirects may
-    /// too: a private registry redirecting to private storage). Looked up once.
-    own_private: Cell<Option<bool>>,
+    /// Where its redirects may lead.
+    redirects: RedirectPolicy,
 }
 
 impl Conn {
@@ -62,6 +61,7 @@ impl Conn {
         // Blob downloads have a pool of their own: however many run, manifests, tag lists
         // and tokens still get a connection.
         let blob_client = Self::client(&settings, tls, blob_connections);
+        let redirects = RedirectPolicy::new(&settings);
         Conn {
             settings,
             client,
@@ -72,7 +72,7 @@ impl Conn {
             clock,
             metrics,
             id,
-            own_private: Cell::new(None),
+            redirects,
         }
     }
 
@@ -444,45 +444,13 @@ impl Conn {
             let next = url
                 .join(loc)
                 .map_err(|_| self.protocol("redirect to an invalid Location".into()))?;
-            redirect_allowed(&url, &next).map_err(|why| self.protocol(why.into()))?;
-            self.redirect_target_allowed(&next)
+            self.redirects
+                .check(&url, &next)
                 .await
                 .map_err(|why| self.protocol(why))?;
             url = next;
         }
         Err(self.protocol(format!("more than {MAX_REDIRECTS} redirects")))
-    }
-
-    /// Whether a redirect may lead to `to`'s host (`redirect_hosts`; by default public
-    /// addresses only). The name is resolved here and again when connecting, so a name
-    /// whose answer changes in between could still slip through: this keeps a redirect
-    /// from reaching the cloud metadata address or a loopback admin port, it is not a
-    /// network policy.
-    async fn redirect_target_allowed(&self, to: &Url) -> Result<(), String> {
-        let host = to.host_str().unwrap_or("");
-        let own = self.base().host_str().unwrap_or("");
-        let patterns = &self.settings.redirect_hosts;
-        if host.eq_ignore_ascii_case(own) || !patterns.is_empty() {
-            return redirect_target(own, host, patterns, &[]);
-        }
-        let own_private = match self.own_private.get() {
-            Some(p) => p,
-            None => {
-                let p = resolve(self.base())
-                    .await
-                    .map(|a| a.iter().any(|ip| !is_public(*ip)))
-                    .unwrap_or(false);
-                self.own_private.set(Some(p));
-                p
-            }
-        };
-        if own_private {
-            return Ok(());
-        }
-        let addrs = resolve(to)
-            .await
-            .map_err(|e| format!("redirect to {host}: cannot resolve it: {e}"))?;
-        redirect_target(own, host, patterns, &addrs)
     }
 
     async fn send_once(
@@ -632,106 +600,6 @@ async fn traced(
     }))
 }
 
-/// Whether a redirect from `from` may be followed to `to`: http(s) only, and never from
-/// https down to http (the request, a signed URL with it, would cross the network in
-/// clear text; the bytes are verified anyway, but not who sees them).
-fn redirect_allowed(from: &Url, to: &Url) -> Result<(), &'static str> {
-    if !matches!(to.scheme(), "http" | "https") {
-        return Err("redirect to a non-HTTP URL");
-    }
-    if from.scheme() == "https" && to.scheme() == "http" {
-        return Err("redirect from https to http refused");
-    }
-    Ok(())
-}
-
-/// The decision of [`Conn::redirect_target_allowed`] once `to_host`'s addresses are known
-/// (none needed for the upstream's own host or with `patterns`).
-fn redirect_target(
-    own_host: &str,
-    to_host: &str,
-    patterns: &[String],
-    addrs: &[IpAddr],
-) -> Result<(), String> {
-    if to_host.eq_ignore_ascii_case(own_host) {
-        return Ok(());
-    }
-    if !patterns.is_empty() {
-        return if patterns.iter().any(|p| host_matches(p, to_host)) {
-            Ok(())
-        } else {
-            Err(format!(
-                "redirect to {to_host} refused: not in this upstream's redirect_hosts"
-            ))
-        };
-    }
-    match addrs.iter().find(|ip| !is_public(**ip)) {
-        Some(ip) => Err(format!(
-            "redirect to {to_host} ({ip}) refused: not a public address (list the host in this upstream's redirect_hosts to allow it)"
-        )),
-        None => Ok(()),
-    }
-}
-
-/// `pattern` is a host name, or `*.example.com` for any name under example.com.
-fn host_matches(pattern: &str, host: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let pattern = pattern.to_ascii_lowercase();
-    match pattern.strip_prefix("*.") {
-        Some(suffix) => host
-            .strip_suffix(suffix)
-            .is_some_and(|h| h.ends_with('.') && h.len() > 1),
-        None => host == pattern,
-    }
-}
-
-/// An address anyone on the internet could reach: not loopback, private, link-local
-/// (169.254.169.254, the cloud metadata service), carrier-grade NAT, unspecified,
-/// documentation, multicast or broadcast, nor an IPv6 unique-local or link-local one.
-fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_documentation()
-                || v4.is_multicast()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64))
-        }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_public(IpAddr::V4(v4)),
-            None => {
-                let s = v6.segments();
-                !(v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (s[0] & 0xfe00) == 0xfc00
-                    || (s[0] & 0xffc0) == 0xfe80)
-            }
-        },
-    }
-}
-
-/// The addresses of `url`'s host (an address literal is its own answer).
-async fn resolve(url: &Url) -> std::io::Result<Vec<IpAddr>> {
-    match url.host() {
-        Some(url::Host::Ipv4(a)) => Ok(vec![IpAddr::V4(a)]),
-        Some(url::Host::Ipv6(a)) => Ok(vec![IpAddr::V6(a)]),
-        Some(url::Host::Domain(d)) => {
-            let port = url.port_or_known_default().unwrap_or(443);
-            Ok(tokio::net::lookup_host((d, port))
-                .await?
-                .map(|a| a.ip())
-                .collect())
-        }
-        None => Ok(Vec::new()),
-    }
-}
-
 fn retryable(e: &awc::error::SendRequestError) -> bool {
     use awc::error::{ConnectError, SendRequestError as E};
     match e {
@@ -763,67 +631,4 @@ fn oci_error_message(body: &[u8]) -> Option<String> {
     let msg = e.get("message").and_then(|c| c.as_str()).unwrap_or("");
     let s = format!("{code} {msg}").trim().to_string();
     (!s.is_empty()).then(|| s.chars().take(300).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redirects_stay_on_http_and_never_downgrade() {
-        let u = |s: &str| Url::parse(s).unwrap();
-        assert!(
-            redirect_allowed(&u("https://r.io/v2/"), &u("https://cdn.example/x?sig=1")).is_ok()
-        );
-        assert!(
-            redirect_allowed(&u("http://127.0.0.1:5000/v2/"), &u("http://127.0.0.1:9/x")).is_ok()
-        );
-        assert!(redirect_allowed(&u("http://r.io/"), &u("https://cdn.example/x")).is_ok());
-        assert!(redirect_allowed(&u("https://r.io/"), &u("http://cdn.example/x")).is_err());
-        assert!(redirect_allowed(&u("https://r.io/"), &u("file:///etc/passwd")).is_err());
-        assert!(redirect_allowed(&u("http://r.io/"), &u("ftp://cdn.example/x")).is_err());
-    }
-
-    #[test]
-    fn redirect_targets_are_public_or_listed() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(!is_public(ip(private)), "{private}");
-        }
-        for public in ["8.8.8.8", "104.16.0.1", "2606:4700::1", "::ffff:8.8.8.8"] {
-            assert!(is_public(ip(public)), "{public}");
-        }
-        let none: &[String] = &[];
-        // Default: public addresses only, the upstream's own host always.
-        assert!(redirect_target("r.io", "cdn.io", none, &[ip("104.16.0.1")]).is_ok());
-        assert!(
-            redirect_target("r.io", "cdn.io", none, &[ip("104.16.0.1"), ip("10.0.0.1")])
-                .unwrap_err()
-                .contains("10.0.0.1")
-        );
-        assert!(redirect_target("r.io", "R.io", none, &[ip("127.0.0.1")]).is_ok());
-        // Listed hosts: exactly those (whatever their addresses).
-        let listed = vec![
-            "*.r2.cloudflarestorage.com".to_string(),
-            "blobs.local".to_string(),
-        ];
-        assert!(redirect_target("r.io", "x.r2.cloudflarestorage.com", &listed, &[]).is_ok());
-        assert!(redirect_target("r.io", "r2.cloudflarestorage.com", &listed, &[]).is_err());
-        assert!(redirect_target("r.io", "blobs.local", &listed, &[]).is_ok());
-        assert!(redirect_target("r.io", "evilcloudflarestorage.com", &listed, &[]).is_err());
-        assert!(host_matches("*.example.com", "a.b.example.com"));
-        assert!(!host_matches("*.example.com", "badexample.com"));
-    }
 }

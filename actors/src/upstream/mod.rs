@@ -14,6 +14,7 @@
 //! HTTP logic of one upstream (`Conn`).
 
 mod client;
+mod redirect;
 mod tls;
 
 use std::rc::Rc;
